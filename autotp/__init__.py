@@ -1,0 +1,67 @@
+"""autotp: automatic tensor parallelism for unmodified PyTorch models.
+
+    pmodel = autotp.parallelize(model, example_inputs=(ids,))    # inside torchrun
+    plan = autotp.plan(model, example_inputs=(ids,), world_size=8)  # no process group needed
+
+The public API is this module; everything else may change.
+"""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from autotp.placement import Partial, Replicate, Shard, fmt
+from autotp.plan import Plan, make_plan
+from autotp.runtime import DEFAULT_TIMEOUT, ParallelModule, tp_mesh
+from autotp.passes.context import AutoTPError
+from autotp.passes.rules import Strategy, register_rule
+
+__all__ = ["parallelize", "plan", "Plan", "ParallelModule", "AutoTPError", "register_rule", "Strategy",
+           "Shard", "Replicate", "Partial"]
+__version__ = "0.1.0"
+
+
+def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, world_size: int,
+         strict: bool = False, link="nvlink-h100", overrides: dict | None = None, training: bool = True,
+         sharded_outputs: bool = False) -> Plan:
+    """Plan tensor parallelism for ``model`` over ``world_size`` ranks, in this one process.
+
+    Needs no process group and no weights: a model on the meta device plans the same way.
+    ``overrides`` pins parameter placements by glob (``{"*.down_proj.weight": Replicate()}``);
+    ``strict`` makes an op with no sharding rule an error instead of running replicated.
+    """
+    return make_plan(model, example_inputs, example_kwargs, world_size=world_size, strict=strict, link=link,
+                     overrides=overrides, training=training, sharded_outputs=sharded_outputs)
+
+
+def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mesh=None,
+                strict: bool = False, link="nvlink-h100", overrides: dict | None = None,
+                sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+                check_plan: bool = True) -> ParallelModule:
+    """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
+    rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
+    DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
+    parameters, which are DTensors with their original names.
+
+    The model's parameters are replaced in place by their shards.  Every rank must call this
+    with the same model and example; ``check_plan`` verifies that all ranks made the same plan.
+    ``timeout`` bounds every collective when autotp starts the process group itself.
+    """
+    mesh = tp_mesh(mesh, timeout)
+    p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
+                  overrides=overrides, training=True, sharded_outputs=sharded_outputs)
+    if check_plan and mesh.size() > 1:
+        _check_same_plan(p, mesh)
+    return ParallelModule(model, p, mesh)
+
+
+def _check_same_plan(p: Plan, mesh) -> None:
+    group = mesh.get_group()
+    mine = p.fingerprint()
+    prints = [None] * mesh.size()
+    dist.all_gather_object(prints, mine, group=group)
+    if len(set(prints)) != 1:
+        raise AutoTPError(f"ranks made different plans (fingerprints {prints}); every rank must call "
+                          f"parallelize with the same model config, example input shapes and options")

@@ -1,0 +1,145 @@
+"""capture: an unmodified ``nn.Module`` -> an ATen graph with parameters as inputs.
+
+``torch.export`` (non-strict) gives the training-IR graph; parameters and buffers become
+placeholders and every node keeps ``nn_module_stack`` and ``stack_trace``, so each op maps
+back to a module and a line of the user's source.
+
+``canonicalize`` then removes what would only get in the solver's way:
+  * ``linear(x, W, b)`` -> ``add(linear(x, W), b)`` and ``addmm(b, x, W)`` -> ``add(mm(x, W), b)``:
+    a row-parallel matmul leaves a partial sum, and the bias must be added once, after the
+    all-reduce, not on every rank.
+  * ``_assert_tensor_metadata`` checks (dtype/device asserts export leaves behind).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from autotp.passes.context import AutoTPError
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass
+class Captured:
+    gm: fx.GraphModule
+    program: ExportedProgram
+    params: dict[str, str]          # placeholder -> parameter name (first name if tied)
+    buffers: dict[str, str]         # placeholder -> buffer name
+    constants: dict[str, Any]       # placeholder -> lifted constant tensor
+    user_inputs: list[str]          # placeholders of the user's (flattened) inputs
+    in_spec: Any
+    out_spec: Any
+    example_kwargs: dict            # kwargs given at capture (e.g. use_cache=False): the defaults
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+            dynamic_shapes=None) -> Captured:
+    kwargs = dict(kwargs or {})
+    forward = getattr(model, "forward", None)
+    try:
+        sig = inspect.signature(forward)
+        if "use_cache" in sig.parameters and "use_cache" not in kwargs:
+            kwargs["use_cache"] = False          # KV-cache objects do not export; training needs none
+    except (TypeError, ValueError):
+        pass
+    try:
+        program = torch.export.export(model, tuple(args), kwargs=kwargs, strict=False,
+                                      dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # noqa: BLE001 — re-raised with the way out
+        raise AutoTPError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}\n"
+            "What to do: autotp needs a model torch.export can trace (no data-dependent Python control "
+            "flow on tensor values, no unsupported cache objects). Try model.eval(), pass use_cache=False, "
+            "or rewrite the offending branch with torch.cond / torch.where. The full export error is chained "
+            "below.") from e
+    sig = program.graph_signature
+    params, buffers, constants, users = {}, {}, {}, []
+    for spec in sig.input_specs:
+        name = spec.arg.name if hasattr(spec.arg, "name") else None
+        if spec.kind == InputKind.PARAMETER:
+            params[name] = spec.target
+        elif spec.kind == InputKind.BUFFER:
+            buffers[name] = spec.target
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            constants[name] = program.constants[spec.target]
+        elif spec.kind == InputKind.USER_INPUT:
+            users.append(name)
+    if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
+        raise AutoTPError("the model mutates a buffer or parameter in forward (e.g. running statistics); "
+                          "autotp supports functional forwards only — call model.eval() or remove the update")
+    gm = program.graph_module
+    _merge_tied(gm, params, model)
+    canonicalize(gm)
+    return Captured(gm, program, params, buffers, constants, users, program.call_spec.in_spec,
+                    program.call_spec.out_spec, kwargs)
+
+
+def _merge_tied(gm: fx.GraphModule, params: dict[str, str], model: torch.nn.Module) -> None:
+    """One placeholder per parameter: export may lift a tied weight (embedding = lm_head) under
+    each of its names; route every use to the first and drop the rest, so the weight gets one
+    placement and one gradient."""
+    owner = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner[name] = id(p)
+    first: dict[int, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder" or node.name not in params:
+            continue
+        key = owner.get(params[node.name])
+        if key is None:
+            continue
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            gm.graph.erase_node(node)
+            del params[node.name]
+        else:
+            first[key] = node
+
+
+def _fake_call(fn, *args):
+    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    with mode:
+        return fn(*vals)
+
+
+def _new(graph: fx.Graph, like: fx.Node, target, args) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta = {k: v for k, v in like.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")}
+    node.meta["val"] = _fake_call(target, *args)
+    return node
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+        elif node.target == aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
+            x, w, b = node.args[:3]
+            with graph.inserting_before(node):
+                mm = _new(graph, node, aten.linear.default, (x, w))
+                out = _new(graph, node, aten.add.Tensor, (mm, b))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        elif node.target == aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
+            b, x, w = node.args[:3]
+            with graph.inserting_before(node):
+                mm = _new(graph, node, aten.mm.default, (x, w))
+                out = _new(graph, node, aten.add.Tensor, (mm, b))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,256 @@
+"""The plan: what the solver chose, as data a person can read, diff and change."""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import fnmatch
+import hashlib
+import re
+
+import torch
+import torch.fx as fx
+
+from autotp import comm
+from autotp.capture import Captured, capture
+from autotp.placement import R, P, Placement, fmt, is_shard, local_shape
+from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
+from autotp.passes.context import AutoTPError, module_path, user_line
+from autotp.passes.rules import tensor_inputs, val
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclasses.dataclass
+class Collective:
+    """One collective of the rewritten graph."""
+    node: str
+    kind: str                      # comm function: all_reduce, reduce_grad, all_gather, ...
+    forward: str | None            # collective run in forward (None: none)
+    backward: str | None           # collective run in backward (None: none)
+    shape: tuple                   # full (global) shape of the tensor moved
+    dtype: torch.dtype
+    module: str
+    source: str
+    reason: str
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+    @property
+    def layer(self) -> int | None:
+        m = _LAYER.search("." + self.module + ".")
+        return int(m.group(1)) if m else None
+
+
+class Plan:
+    """A tensor-parallel plan for one model, example input and world size.
+
+    ``Plan.placements`` maps each parameter name to its placement; ``collectives()`` lists
+    every collective with where it sits and why; ``graph_text()`` is the rewritten graph as
+    readable text (the golden-graph format).
+    """
+
+    def __init__(self, captured: Captured, ctx: PassContext, gm: fx.GraphModule, aliases: dict[str, list[str]]):
+        self.captured, self.ctx, self.gm = captured, ctx, gm
+        self.world = ctx.world
+        self.aliases = aliases                   # parameter name -> every name it is known by (tied)
+        self._rewritten = None
+
+    # ---- reading the plan ----
+    @property
+    def placements(self) -> dict[str, Placement]:
+        out = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder" and node.name in self.ctx.params:
+                for name in self.aliases.get(self.ctx.params[node.name], [self.ctx.params[node.name]]):
+                    out[name] = node.meta["autotp"]["placement"]
+        return out
+
+    def roles(self) -> dict[str, str]:
+        """Parameter name -> column-parallel / row-parallel / vocab-parallel / replicated / sharded."""
+        roles = {}
+        for node in self.gm.graph.nodes:
+            if node.op != "placeholder" or node.name not in self.ctx.params:
+                continue
+            p = node.meta["autotp"]["placement"]
+            role = "replicated"
+            if is_shard(p):
+                role = f"sharded {fmt(p)}"
+                for user in node.users:
+                    s = user.meta.get("autotp", {}).get("strategy")
+                    if s is None:
+                        continue
+                    if s.output == P:
+                        role = "vocab-parallel" if user.target == torch.ops.aten.embedding.default else "row-parallel"
+                    elif is_shard(s.output) if not isinstance(s.output, tuple) else False:
+                        role = "column-parallel"
+                    break
+            for name in self.aliases.get(self.ctx.params[node.name], [self.ctx.params[node.name]]):
+                roles[name] = role
+        return roles
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.ctx.notes)
+
+    def rewritten(self, rank: int = 0, group: str = "tp") -> fx.GraphModule:
+        """A copy of the graph with collectives inserted and shapes made local for ``rank``."""
+        if rank == 0 and group == "tp" and self._rewritten is not None:
+            return self._rewritten
+        gm = _copy_graph_module(self.gm)
+        ctx = dataclasses.replace(self.ctx, rank=rank, group=group)
+        for p in REWRITE_PASSES:
+            gm = p(gm, ctx)
+        if rank == 0 and group == "tp":
+            self._rewritten = gm
+        return gm
+
+    def collectives(self) -> list[Collective]:
+        out = []
+        for node in self.rewritten().graph.nodes:
+            info = node.meta.get("autotp", {})
+            if "collective" not in info:
+                continue
+            v = val(node)
+            out.append(Collective(node.name, info["collective"], info["forward"], info["backward"],
+                                  tuple(v.shape), v.dtype, module_path(node), user_line(node), info["reason"]))
+        return out
+
+    def counts(self) -> dict:
+        """{'forward': Counter(kind), 'backward': Counter(kind), 'per_layer_forward': {layer: Counter}}"""
+        fwd, bwd, per_layer = collections.Counter(), collections.Counter(), collections.defaultdict(collections.Counter)
+        for c in self.collectives():
+            if c.forward:
+                fwd[c.forward] += 1
+                per_layer[c.layer][c.forward] += 1
+            if c.backward and self.ctx.training:
+                bwd[c.backward] += 1
+        return {"forward": fwd, "backward": bwd, "per_layer_forward": dict(per_layer)}
+
+    def fingerprint(self) -> str:
+        """Hash of the plan's decisions; every rank must compute the same one."""
+        text = "\n".join(f"{k}={fmt(v)}" for k, v in sorted(self.placements.items()))
+        text += "\n" + "\n".join(f"{n.name}:{fmt(n.meta.get('autotp', {}).get('placement'))}"
+                                 for n in self.gm.graph.nodes)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # ---- text ----
+    def graph_text(self, rank: int = 0) -> str:
+        """The rewritten graph, one op per line: name, op, placement, local shape, collective."""
+        gm = self.rewritten() if rank == 0 else self.rewritten(rank)
+        lines = [f"# world={self.world} rank={rank}"]
+        for node in gm.graph.nodes:
+            info = node.meta.get("autotp", {})
+            v = val(node)
+            if node.op == "output":
+                lines.append(f"output {[a.name if isinstance(a, fx.Node) else a for a in tensor_inputs(node)]}")
+                continue
+            if not isinstance(v, (torch.Tensor, tuple, list)):
+                continue
+            p = info.get("placement")
+            if node.op == "placeholder":
+                name = self.ctx.params.get(node.name) or self.ctx.buffers.get(node.name) or node.name
+                op = "param " + name if node.name in self.ctx.params else "input " + name
+            else:
+                target = node.target
+                op = (target.__name__ if callable(target) and not hasattr(target, "_schema")
+                      else str(target).replace("aten.", "").replace(".default", ""))
+                args = ", ".join(a.name for a in node.all_input_nodes)
+                op = f"{op}({args})"
+            shape = _shape_text(v, p, self.world)
+            extra = ""
+            if "collective" in info:
+                extra = f"  <- {info['reason']}"
+            lines.append(f"{node.name} = {op}  {fmt(p)} {shape}{extra}")
+        return "\n".join(lines) + "\n"
+
+    def summary(self) -> str:
+        """Per-weight placements and roles, collectives per layer, notes."""
+        lines = [f"autotp plan: world size {self.world}, "
+                 f"{len(self.placements)} parameters, solver {self.ctx.solver_stats.get('seconds', 0):.2f}s"]
+        roles = self.roles()
+        width = max((len(n) for n in roles), default=10)
+        for name, p in self.placements.items():
+            lines.append(f"  {name:<{width}}  {fmt(p):<7} {roles[name]}")
+        c = self.counts()
+        lines.append("collectives per forward: " + _counter_text(c["forward"]))
+        if self.ctx.training:
+            lines.append("collectives per backward: " + _counter_text(c["backward"]))
+        for layer, cnt in sorted(((k, v) for k, v in c["per_layer_forward"].items() if k is not None)):
+            lines.append(f"  layer {layer}: forward {_counter_text(cnt)}")
+        for n in self.notes:
+            lines.append("note: " + n)
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary()
+
+
+def _counter_text(c) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(c.items())) or "none"
+
+
+def _shape_text(v, p, world) -> str:
+    if isinstance(v, torch.Tensor):
+        return str(local_shape(v.shape, p if not isinstance(p, tuple) else R, world))
+    if isinstance(v, (tuple, list)) and isinstance(p, tuple):
+        return "(" + ", ".join(str(local_shape(x.shape, q, world)) if isinstance(x, torch.Tensor) and q else "-"
+                               for x, q in zip(v, p)) + ")"
+    return ""
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    val_map: dict = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    for old, new in val_map.items():
+        new.meta = dict(old.meta)
+        if "autotp" in old.meta:
+            new.meta["autotp"] = dict(old.meta["autotp"])
+    return fx.GraphModule(gm, graph)
+
+
+def _expand_overrides(overrides: dict | None, names: list[str]) -> dict[str, Placement]:
+    pins = {}
+    for pattern, placement in (overrides or {}).items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise AutoTPError(f"override {pattern!r} matches no parameter; parameters look like {names[:3]}")
+        for n in hits:
+            pins[n] = placement
+    return pins
+
+
+def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, world_size: int,
+              strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
+              sharded_outputs: bool = False, dynamic_shapes=None) -> Plan:
+    if world_size < 1:
+        raise AutoTPError(f"world_size must be >= 1, got {world_size}")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic_shapes)
+    aliases: dict[str, list[str]] = collections.defaultdict(list)
+    by_id = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    for names in by_id.values():
+        for n in names:
+            aliases[n] = names
+    pins = _expand_overrides(overrides, [n for n, _ in model.named_parameters()])
+    canonical_pins = {}
+    for name, pl in pins.items():
+        canonical = next((c for c in captured.params.values() if name in aliases.get(c, [c])), name)
+        canonical_pins[canonical] = pl
+    ctx = PassContext(world=world_size, strict=strict, link=link, training=training,
+                      sharded_outputs=sharded_outputs, pins=canonical_pins, params=captured.params,
+                      buffers=captured.buffers, user_inputs=captured.user_inputs)
+    gm = captured.gm
+    for p in PLAN_PASSES:
+        gm = p(gm, ctx)
+    return Plan(captured, ctx, gm, dict(aliases))

@@ -1,0 +1,183 @@
+"""The rank-local module: the rewritten graph plus this rank's shard of every parameter.
+
+Parameters keep their original names (``model.layers.0.self_attn.q_proj.weight``) and are
+``DTensor``s on the mesh with the placement the plan chose, so optimizers,
+``p.grad.full_tensor()`` and ``torch.distributed.checkpoint`` work unchanged.  The graph
+computes on ``p.to_local()``; autograd carries each local gradient back into the DTensor.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.utils import _pytree as pytree
+
+from autotp.placement import R, fmt, local_chunk
+from autotp.plan import Plan
+from autotp.passes.context import AutoTPError
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def default_mesh(timeout: datetime.timedelta = DEFAULT_TIMEOUT, device_type: str | None = None) -> DeviceMesh:
+    """All ranks on one "tp" dimension; starts the process group if torchrun has not."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:   # one process, no launcher: a world of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if device_type == "cuda":
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
+
+
+def tp_mesh(mesh: DeviceMesh | None, timeout=DEFAULT_TIMEOUT) -> DeviceMesh:
+    if mesh is None:
+        return default_mesh(timeout)
+    if not isinstance(mesh, DeviceMesh):
+        raise AutoTPError(f"mesh= must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
+    if mesh.ndim > 1:
+        names = mesh.mesh_dim_names or ()
+        if "tp" not in names:
+            raise AutoTPError(f"a {mesh.ndim}-D mesh needs a dimension named 'tp' for tensor parallelism; "
+                              f"this one has {names}. Build it with init_device_mesh(..., mesh_dim_names=(..., 'tp'))")
+        mesh = mesh["tp"]
+    if mesh.get_coordinate() is None:
+        raise AutoTPError(f"this rank ({dist.get_rank()}) is not in the mesh {mesh.mesh.tolist()}; every rank that "
+                          f"calls parallelize must be part of the mesh it is given")
+    return mesh
+
+
+class ParallelModule(nn.Module):
+    """A model parallelised by autotp.  Call it like the original model."""
+
+    def __init__(self, model: nn.Module, plan: Plan, mesh: DeviceMesh):
+        super().__init__()
+        self.config = getattr(model, "config", None)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        rank, world = mesh.get_local_rank(), mesh.size()
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "mesh", mesh)
+        group = mesh.get_group().group_name
+        object.__setattr__(self, "graph_module", plan.rewritten(rank, group))
+        self._shard_parameters(model, rank, world)
+        self._feeds = self._input_feeds()
+
+    def _shard_parameters(self, model: nn.Module, rank: int, world: int) -> None:
+        placements = self.plan.placements
+        done: dict[int, nn.Parameter] = {}
+        for name, full in model.named_parameters(remove_duplicate=False):
+            if id(full) not in done:
+                p = placements.get(name, R)
+                local = local_chunk(full.detach(), p, rank, world).contiguous()
+                dt = DTensor.from_local(local, self.mesh, [p], run_check=False, shape=full.shape,
+                                        stride=full.stride())
+                done[id(full)] = nn.Parameter(dt, requires_grad=full.requires_grad)
+            module_name, _, attr = name.rpartition(".")
+            owner = self.get_submodule(module_name) if module_name else self
+            setattr(owner, attr, done[id(full)])
+
+    def _input_feeds(self):
+        plan = self.plan
+        feeds = []
+        for node in self.graph_module.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            if node.name in plan.captured.params:
+                feeds.append(("param", plan.captured.params[node.name]))
+            elif node.name in plan.captured.buffers:
+                feeds.append(("buffer", plan.captured.buffers[node.name]))
+            elif node.name in plan.captured.constants:
+                feeds.append(("const", plan.captured.constants[node.name]))
+            else:
+                feeds.append(("user", plan.captured.user_inputs.index(node.name), node))
+        return feeds
+
+    def _flat_user_inputs(self, args, kwargs) -> list:
+        cap = self.plan.captured
+        merged = {**cap.example_kwargs, **kwargs}
+        kw_spec = cap.in_spec.children_specs[1]
+        keys = list(kw_spec.context) if kw_spec.context else []
+        extra = set(merged) - set(keys)
+        if extra:
+            raise AutoTPError(f"keyword argument(s) {sorted(extra)} were not in the example the plan was made from "
+                              f"(it had {keys}); call autotp.parallelize again with them in example_kwargs")
+        flat, spec = pytree.tree_flatten((tuple(args), {k: merged[k] for k in keys if k in merged}))
+        if spec != cap.in_spec:
+            raise AutoTPError(f"the inputs do not have the structure of the example the plan was made from.\n"
+                              f"  expected: {cap.in_spec}\n  got: {spec}")
+        return flat
+
+    def forward(self, *args, **kwargs):
+        flat = self._flat_user_inputs(args, kwargs)
+        inputs = []
+        for feed in self._feeds:
+            kind = feed[0]
+            if kind == "param":
+                inputs.append(self.get_parameter(feed[1]).to_local())
+            elif kind == "buffer":
+                inputs.append(self.get_buffer(feed[1]))
+            elif kind == "const":
+                inputs.append(feed[1])
+            else:
+                inputs.append(_check_input(flat[feed[1]], feed[2]))
+        outs = self.graph_module(*inputs)
+        if self.plan.ctx.sharded_outputs:
+            outs = [self._as_dtensor(o, n) for o, n in zip(outs, self._output_nodes())]
+        return pytree.tree_unflatten(list(outs), self.plan.captured.out_spec)
+
+    def _output_nodes(self):
+        out = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        return list(pytree.tree_leaves(out.args[0]))
+
+    def _as_dtensor(self, t, node):
+        p = node.meta.get("autotp", {}).get("placement") if isinstance(node, fx.Node) else None
+        if not isinstance(t, torch.Tensor) or p is None:
+            return t
+        full = node.meta["val"]
+        return DTensor.from_local(t, self.mesh, [p], run_check=False, shape=full.shape, stride=full.stride())
+
+
+def _check_input(x, node: fx.Node):
+    want = node.meta.get("val")
+    if isinstance(want, torch.Tensor):
+        if not isinstance(x, torch.Tensor):
+            raise AutoTPError(f"input `{node.name}` must be a tensor like the example, got {type(x).__name__}")
+        if x.dtype != want.dtype:
+            raise AutoTPError(f"input `{node.name}` has dtype {x.dtype}, but the plan was made for {want.dtype}; "
+                              f"pass {want.dtype} or call autotp.parallelize again with an example of this dtype")
+        if x.device.type != want.device.type:
+            raise AutoTPError(f"input `{node.name}` is on {x.device}, but the model runs on {want.device}; "
+                              f"move it with .to({str(want.device)!r})")
+        if not _shape_matches(x.shape, want.shape):
+            raise AutoTPError(f"input `{node.name}` has shape {list(x.shape)}, but the plan was made for "
+                              f"{list(want.shape)}; pass inputs of that shape, or call autotp.parallelize with "
+                              f"dynamic=True (batch and sequence dims symbolic) or with an example of this shape")
+        return x
+    if x != want:
+        raise AutoTPError(f"input `{node.name}` is {x!r}, but the plan was made with {want!r}; it is baked into "
+                          f"the captured graph — call autotp.parallelize again with this value")
+    return x
+
+
+def _shape_matches(got, want) -> bool:
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want):
+        if isinstance(w, int) and g != w:
+            return False
+    return True

@@ -1,0 +1,116 @@
+"""insert_collectives: put a collective on every edge whose placements differ.
+
+For each consumer input whose required placement differs from the producer's, insert the
+redistribution (``passes.redistribute.steps``) right after the producer, shared by every
+consumer that needs the same placement.  A replicated tensor used inside a sharded op (the
+input of a column-parallel linear) also gets ``reduce_grad`` (Megatron's f), once per
+tensor, so its gradient — a partial sum on each rank — is all-reduced in backward.
+
+Every inserted node carries ``meta["autotp"] = {"placement", "collective", "reason"}``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from autotp import comm
+from autotp.placement import R, fmt
+from autotp.passes.context import PassContext
+from autotp.passes.redistribute import steps
+from autotp.passes.rules import tensor_inputs, val
+
+
+def _placement(node: fx.Node):
+    return node.meta.get("autotp", {}).get("placement")
+
+
+def _replace_input(node: fx.Node, slot: int, new: fx.Node) -> None:
+    """Point tensor input number ``slot`` (``tensor_inputs`` order) of ``node`` at ``new``."""
+    counter = [0]
+
+    def swap(a):
+        if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+            i = counter[0]
+            counter[0] += 1
+            return new if i == slot else a
+        return a
+
+    args, kwargs = pytree.tree_map(swap, (node.args, node.kwargs))
+    node.args, node.kwargs = tuple(args), kwargs
+
+
+def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    graph = gm.graph
+    made: dict[tuple, fx.Node] = {}
+
+    def redistributed(t: fx.Node, dst, consumer: fx.Node) -> fx.Node:
+        src = _placement(t)
+        key = (t, "to", dst)
+        if key in made:
+            return made[key]
+        cur, cur_p = t, src
+        route = steps(src, dst)
+        for step in route:
+            with graph.inserting_after(cur):
+                new = graph.call_function(step.fn, (cur, *step.args, ctx.group))
+            new.meta["val"] = val(t)
+            _copy_meta(t if t.op != "placeholder" else consumer, new)   # it belongs to the producer
+            new_p = dst if step is route[-1] else R
+            new.meta["autotp"] = {"placement": new_p, "collective": step.fn.__name__,
+                                  "forward": step.forward, "backward": step.backward,
+                                  "reason": f"{t.name} is {fmt(cur_p)}, {consumer.name} needs {fmt(new_p)}"}
+            cur, cur_p = new, new_p
+        made[key] = cur
+        return cur
+
+    def grad_reduced(t: fx.Node, consumer: fx.Node) -> fx.Node:
+        key = (t, "f")
+        if key not in made:
+            with graph.inserting_after(t):
+                new = graph.call_function(comm.reduce_grad, (t, ctx.group))
+            new.meta["val"] = val(t)
+            _copy_meta(consumer, new)
+            new.meta["autotp"] = {"placement": R, "collective": "reduce_grad", "forward": None,
+                                  "backward": "all_reduce",
+                                  "reason": f"{t.name} is R and feeds sharded {consumer.name}: its gradient "
+                                            f"is a partial sum, all-reduced in backward"}
+            made[key] = new
+        return made[key]
+
+    for node in list(graph.nodes):
+        info = node.meta.get("autotp", {})
+        if node.op == "output":
+            if ctx.sharded_outputs:
+                continue
+            for i, t in enumerate(tensor_inputs(node)):
+                if _placement(t) not in (None, R):
+                    _replace_input(node, i, redistributed(t, R, node))
+            continue
+        strategy = info.get("strategy")
+        if strategy is None or node.op == "placeholder":
+            continue
+        for i, t in enumerate(tensor_inputs(node)):
+            need, have = strategy.inputs[i], _placement(t)
+            if have is None:
+                continue
+            src = t if need == have else redistributed(t, need, node)
+            grads = val(t) is not None and val(t).is_floating_point()
+            if need == R and not strategy.replicated and grads and _carries_grad(t):
+                src = grad_reduced(src, node)
+            if src is not t:
+                _replace_input(node, i, src)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _carries_grad(t: fx.Node) -> bool:
+    """Whether a gradient can reach ``t`` (it depends on a parameter)."""
+    return t.meta.get("autotp", {}).get("grad", True)

@@ -1,0 +1,79 @@
+"""State shared by the passes of one compilation: the world, the options, the notes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.fx as fx
+
+
+class AutoTPError(RuntimeError):
+    """A model, input or option autotp cannot handle; the message says what to do."""
+
+
+def where(node: fx.Node) -> str:
+    """'node `linear_3` (aten.linear.default) in model.layers.0.mlp, at  File "...", line N'."""
+    target = getattr(node.target, "__name__", str(node.target))
+    if hasattr(node.target, "_schema"):
+        target = str(node.target)
+    text = f"node `{node.name}` ({target})"
+    path = module_path(node)
+    if path:
+        text += f" in `{path}`"
+    line = user_line(node)
+    if line:
+        text += f"\n  at {line}"
+    return text
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L['self']", "")
+
+
+def user_line(node: fx.Node) -> str:
+    """The innermost line of the user's model source that produced this node."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) else "") for i in range(len(lines))
+              if lines[i].startswith("File ")]
+    frames = [f for f in frames if "/torch/" not in f[0] and "/autotp/" not in f[0]]
+    if not frames:
+        return ""
+    loc, code = frames[-1]
+    return f"{loc}: {code}" if code else loc
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Everything a pass may read besides the graph.
+
+    world: tensor-parallel world size.  rank: this rank (0 when only planning).
+    group: process-group name the collectives use ("tp" when only planning).
+    strict: an op with no sharding rule is an error instead of running replicated.
+    training: count backward communication in the cost (gradients flow).
+    link: cost-model link preset name or bandwidth (bytes/s).
+    sharded_outputs: return outputs in the placement the plan gives them (as DTensors)
+        instead of replicating them.
+    pins: parameter name -> placement the user fixed (``overrides=``).
+    """
+    world: int
+    rank: int = 0
+    group: str = "tp"
+    strict: bool = False
+    training: bool = True
+    link: Any = "nvlink-h100"
+    sharded_outputs: bool = False
+    pins: dict = dataclasses.field(default_factory=dict)
+    params: dict = dataclasses.field(default_factory=dict)      # placeholder name -> parameter name
+    buffers: dict = dataclasses.field(default_factory=dict)     # placeholder name -> buffer name
+    user_inputs: list = dataclasses.field(default_factory=list)  # placeholder names of user inputs
+    notes: list = dataclasses.field(default_factory=list)        # what the plan wants a reader to know
+    solver_stats: dict = dataclasses.field(default_factory=dict)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)

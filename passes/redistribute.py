@@ -1,0 +1,59 @@
+"""How one placement becomes another: the collectives, and their cost.
+
+``steps(src, dst)`` is the list of ``autotp.comm`` functions that turn a tensor placed
+``src`` into one placed ``dst`` (forward), with the collective each runs forward and
+backward.  ``None`` means impossible: nothing becomes ``Partial`` except a partial sum.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from autotp import comm
+from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
+from autotp.placement import P, R, Placement, is_shard, split_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    fn: object              # autotp.comm function the graph calls
+    args: tuple             # its extra arguments (dims, factor); the group is appended
+    forward: str | None     # collective kind run forward
+    backward: str | None    # collective kind run backward (when gradients flow)
+
+
+def steps(src: Placement, dst: Placement) -> list[Step] | None:
+    if src == dst:
+        return []
+    if dst == P:
+        return None
+    if src == P:
+        if dst == R:
+            return [Step(comm.all_reduce, (), ALL_REDUCE, None)]
+        return [Step(comm.reduce_scatter, (dst.dim, split_factor(dst)), REDUCE_SCATTER, ALL_GATHER)]
+    if src == R:
+        return [Step(comm.scatter, (dst.dim, split_factor(dst)), None, ALL_GATHER)]
+    gather = Step(comm.all_gather, (src.dim, split_factor(src)), ALL_GATHER, None)
+    if dst == R:
+        return [gather]
+    if split_factor(src) == 1 and split_factor(dst) == 1 and src.dim != dst.dim:
+        return [Step(comm.all_to_all, (src.dim, dst.dim), ALL_TO_ALL, ALL_TO_ALL)]
+    return [gather, Step(comm.scatter, (dst.dim, split_factor(dst)), None, ALL_GATHER)]
+
+
+def transition_time(src: Placement, dst: Placement, nbytes: float, world: int, link, grad: bool) -> float | None:
+    """Forward (+ backward when ``grad``) seconds to redistribute; None if impossible."""
+    plan = steps(src, dst)
+    if plan is None:
+        return None
+    t = 0.0
+    for s in plan:
+        if s.forward:
+            t += collective_time(s.forward, nbytes, world, link)
+        if grad and s.backward:
+            t += collective_time(s.backward, nbytes, world, link)
+    return t
+
+
+def reduce_grad_time(nbytes: float, world: int, link) -> float:
+    """Backward all-reduce of a replicated tensor used inside a sharded op (Megatron's f)."""
+    return collective_time(ALL_REDUCE, nbytes, world, link)

@@ -1,0 +1,151 @@
+"""The rule table: one entry per ATen op, saying how the op may be sharded.
+
+A rule is a function ``rule(node, ctx) -> list[Strategy]``.  A ``Strategy`` is a valid way to
+run the op on rank-local shards: the placement each tensor input must have and the placement
+the output then has.  *Valid* means: running the op on the local pieces yields the local piece
+of the true output under that output placement.  The solver picks one strategy per node; it
+never needs to know what an op does.
+
+Where a rule lives:
+
+=================  ============================================================
+``pointwise.py``   elementwise ops and dtype casts (any op tagged ``pointwise``)
+``views.py``       view/reshape/expand/transpose/permute/slice/split/cat/...
+``matmul.py``      linear, mm, bmm, matmul, baddbmm, einsum (einsum-style specs)
+``reductions.py``  sum/mean/amax, softmax, layer_norm, rms_norm, cumsum, topk, sort
+``embedding.py``   embedding (vocab-parallel and hidden-parallel)
+``attention.py``   scaled_dot_product_attention (heads / batch split)
+=================  ============================================================
+
+An op with no rule runs replicated (all inputs gathered first); the plan lists every such op
+so nothing is replicated silently, and ``parallelize(..., strict=True)`` turns it into an error.
+To add a rule see ``docs/adding-a-rule.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from autotp.placement import P, R, S, Placement, can_shard, is_shard, shard_dim, split_factor
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One way to run a node on shards.
+
+    inputs: placement required for each tensor input, in ``tensor_inputs(node)`` order.
+    output: placement of the output (a tuple for ops that return several tensors).
+    localize: optional hook ``(node, strategy, lctx) -> None`` (lctx has ``world`` and ``rank``) that rewrites the node's
+        non-tensor arguments for the local shapes (e.g. a view's target shape).
+    """
+    inputs: tuple
+    output: object
+    localize: Callable | None = None
+
+    @property
+    def replicated(self) -> bool:
+        outs = self.output if isinstance(self.output, tuple) else (self.output,)
+        return all(p == R for p in self.inputs) and all(p == R or p is None for p in outs)
+
+
+RuleFn = Callable[[fx.Node, "RuleContext"], list[Strategy]]
+RULES: dict[object, RuleFn] = {}
+
+
+def register_rule(*ops) -> Callable[[RuleFn], RuleFn]:
+    """Register ``fn`` as the sharding rule of each ATen ``OpOverload`` (or overload packet)."""
+    def deco(fn: RuleFn) -> RuleFn:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def find_rule(target) -> RuleFn | None:
+    if target in RULES:
+        return RULES[target]
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None and packet in RULES:
+        return RULES[packet]
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        from autotp.passes.rules.pointwise import pointwise_rule
+        return pointwise_rule
+    return None
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The node's tensor-valued inputs, args before kwargs, duplicates kept."""
+    flat, _ = pytree.tree_flatten((node.args, node.kwargs))
+    return [a for a in flat if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+
+
+def val(node) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+@dataclasses.dataclass
+class RuleContext:
+    """What a rule may ask about the graph while enumerating strategies."""
+    world: int
+    factors: tuple[int, ...]                      # strided-shard factors the graph can use
+    _candidates: dict                              # node -> set of placements it can output
+
+    def candidates(self, node: fx.Node) -> list[Placement]:
+        """Placements the producer of ``node`` can deliver cheaply (its outputs, plus R), in a
+        fixed order so every rank enumerates the same strategies."""
+        return sorted(self._candidates.get(node, {R}) | {R}, key=placement_key)
+
+    def shardable(self, size: int, factor: int = 1) -> bool:
+        return can_shard(size, factor, self.world)
+
+
+def placement_key(p) -> tuple:
+    """Deterministic order: R, P, then shards by (dim, factor)."""
+    if p == R:
+        return (0, 0, 0)
+    if p == P:
+        return (1, 0, 0)
+    return (2, p.dim, split_factor(p))
+
+
+def replicate_strategy(node: fx.Node) -> Strategy:
+    """Always valid: every input replicated, every output replicated."""
+    outs = val(node)
+    out = tuple(R if isinstance(o, torch.Tensor) else None for o in outs) if isinstance(outs, (tuple, list)) else R
+    return Strategy(tuple(R for _ in tensor_inputs(node)), out)
+
+
+def dedupe(strategies: Iterable[Strategy]) -> list[Strategy]:
+    seen, out = set(), []
+    for s in strategies:
+        key = (s.inputs, s.output)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def shard_options(node: fx.Node, ctx: RuleContext) -> list[tuple[int, int]]:
+    """(dim, factor) pairs of the candidate shardings of ``node`` (normalised dims)."""
+    t = val(node)
+    out = []
+    for p in ctx.candidates(node):
+        if is_shard(p):
+            d = p.dim % t.ndim
+            if ctx.shardable(t.shape[d], split_factor(p)):
+                out.append((d, split_factor(p)))
+    return out
+
+
+# import the rule modules so their @register_rule calls run
+from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention  # noqa: E402,F401
+
+__all__ = ["Strategy", "RuleContext", "register_rule", "find_rule", "tensor_inputs", "RULES",
+           "replicate_strategy", "dedupe", "shard_options", "val", "R", "P", "S"]

@@ -1,0 +1,106 @@
+"""Reductions and normalisations.
+
+A reduction over unsharded dims keeps the shard (renumbered); a *sum* over the sharded dim
+leaves a ``Partial`` sum.  Softmax, norms, cumsum, sort and top-k need their own dims whole.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
+from autotp.placement import P, R, S, is_shard, split_factor
+
+aten = torch.ops.aten
+
+
+def _reduce_dims(node: fx.Node, ndim: int) -> list[int]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or dims == []:
+        return list(range(ndim))
+    dims = [dims] if isinstance(dims, int) else dims
+    return sorted(d % ndim for d in dims)
+
+
+def _keepdim(node: fx.Node) -> bool:
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+
+
+@register_rule(aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
+               aten.amin.default, aten.var.correction, aten.std.correction, aten.var_mean.correction,
+               aten.linalg_vector_norm.default, aten.any.dim, aten.all.dim, aten.prod.dim_int,
+               aten.logsumexp.default)
+def reduction_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    x = val(node.args[0])
+    if node.target in (aten.linalg_vector_norm.default,):
+        return [replicate_strategy(node)]
+    dims = _reduce_dims(node, x.ndim) if node.target not in (aten.sum.default, aten.mean.default) \
+        else list(range(x.ndim))
+    keep = _keepdim(node) and node.target not in (aten.sum.default, aten.mean.default)
+    is_sum = node.target in (aten.sum.dim_IntList, aten.sum.default)
+    multi_out = isinstance(val(node), (tuple, list))
+    strategies = [replicate_strategy(node)]
+    for p in ctx.candidates(node.args[0]):
+        if p == P and is_sum and x.is_floating_point():
+            strategies.append(Strategy((P,), P))
+        elif is_shard(p):
+            d = p.dim % x.ndim
+            if d in dims:
+                if is_sum and x.is_floating_point():
+                    strategies.append(Strategy((p,), P))
+                continue
+            nd = d if keep else d - sum(1 for r in dims if r < d)
+            out = S(nd, split_factor(p))
+            strategies.append(Strategy((p,), tuple(out for _ in val(node)) if multi_out else out))
+    return dedupe(strategies)
+
+
+def _along_dim_rule(node: fx.Node, ctx: RuleContext, dim: int) -> list[Strategy]:
+    """Ops that need `dim` whole and act independently along every other dim."""
+    x = val(node.args[0])
+    dim %= max(x.ndim, 1)
+    outs = val(node)
+    strategies = [replicate_strategy(node)]
+    for p in ctx.candidates(node.args[0]):
+        if is_shard(p) and p.dim % x.ndim != dim:
+            out = S(p.dim % x.ndim, split_factor(p))
+            strategies.append(Strategy((p,), tuple(out for _ in outs) if isinstance(outs, (tuple, list)) else out))
+    return dedupe(strategies)
+
+
+@register_rule(aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
+               aten.cumsum.default, aten.cumprod.default, aten.argmax.default, aten.argmin.default)
+def softmax_rule(node, ctx):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dim is None:
+        return [replicate_strategy(node)]
+    keep = node.target not in (aten.argmax.default, aten.argmin.default) or _keepdim(node)
+    if not keep:
+        return [replicate_strategy(node)]
+    return _along_dim_rule(node, ctx, dim)
+
+
+@register_rule(aten.topk.default, aten.sort.default, aten.sort.stable)
+def topk_rule(node, ctx):
+    x = val(node.args[0])
+    if node.target == aten.topk.default:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    elif node.target == aten.sort.stable:
+        dim = node.kwargs.get("dim", -1)
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    return _along_dim_rule(node, ctx, dim)
+
+
+@register_rule(aten.layer_norm.default, aten.rms_norm.default)
+def norm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """Normalise over the trailing ``normalized_shape`` dims; the leading dims may be sharded."""
+    x = val(node.args[0])
+    n_norm = len(node.args[1])
+    from autotp.passes.rules import tensor_inputs
+    ins = tensor_inputs(node)
+    strategies = [replicate_strategy(node)]
+    for p in ctx.candidates(node.args[0]):
+        if is_shard(p) and p.dim % x.ndim < x.ndim - n_norm:
+            strategies.append(Strategy((p,) + tuple(R for _ in ins[1:]), S(p.dim % x.ndim, split_factor(p))))
+    return dedupe(strategies)

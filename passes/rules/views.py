@@ -1,0 +1,215 @@
+"""View-like ops: reshape, transpose, expand, slice, split, cat, ...
+
+The heart of head sharding: ``view(B, T, H*hd) -> (B, T, H, hd)`` carries ``Shard`` of the
+fused ``H*hd`` dim onto the ``H`` dim exactly when ``H`` divides by the world size.  The same
+arithmetic (``view_placement``) handles merges, splits and the strided layout of fused
+projections (``[q|k|v]`` is ``S(d)x3``; splitting it in three gives three ``S(d)``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, tensor_inputs, val
+from autotp.placement import P, R, S, Placement, is_shard, split_factor
+
+aten = torch.ops.aten
+
+
+def dim_groups(ishape, oshape) -> list[tuple[list[int], list[int]]]:
+    """Split a reshape into independent groups of (input dims, output dims) with equal products."""
+    groups, i, j = [], 0, 0
+    ni, no = len(ishape), len(oshape)
+    while i < ni or j < no:
+        gi, gj, pi, pj = [], [], 1, 1
+        if i < ni:
+            gi.append(i); pi *= ishape[i]; i += 1
+        if j < no:
+            gj.append(j); pj *= oshape[j]; j += 1
+        while pi != pj:
+            if pi < pj and i < ni:
+                gi.append(i); pi *= ishape[i]; i += 1
+            elif j < no:
+                gj.append(j); pj *= oshape[j]; j += 1
+            else:
+                break
+        groups.append((gi, gj))
+    return groups
+
+
+def view_placement(ishape, oshape, p: Placement, world: int) -> Placement | None:
+    """Placement of ``x.view(oshape)`` when ``x`` has placement ``p``; None if the shards
+    would not stay contiguous blocks (the view then needs the input replicated)."""
+    if not is_shard(p):
+        return p
+    d, f = p.dim % len(ishape), split_factor(p)
+    for gi, gj in dim_groups(ishape, oshape):
+        if d not in gi:
+            continue
+        # flatten the group: the shard is `a` outer blocks, each split contiguously across ranks
+        a = math.prod(ishape[k] for k in gi if k < d) * f
+        before = 1
+        for t in gj:
+            if a % before == 0:
+                f_out = a // before
+                n_t = oshape[t]
+                if n_t % f_out == 0 and (n_t // f_out) % world == 0 and n_t > 0:
+                    return S(t, f_out)
+            before *= oshape[t]
+            if before > a:
+                break
+        return None
+    return None
+
+
+def _localize_shape(node: fx.Node, strategy: Strategy, lctx) -> None:
+    """Rewrite the target-shape argument to this rank's local output shape."""
+    out = val(node)
+    shape = list(out.shape)
+    if is_shard(strategy.output):
+        shape[strategy.output.dim] //= lctx.world
+    node.args = (node.args[0], shape, *node.args[2:])
+
+
+@register_rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+               aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints,
+               aten.unflatten.int, aten.view_as.default, aten.reshape_as.default)
+def view_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    x, out = val(node.args[0]), val(node)
+    needs_shape = node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    hook = _localize_shape if needs_shape else None
+    if node.target in (aten.view_as.default, aten.reshape_as.default):
+        return [replicate_strategy(node)]
+    strategies = [replicate_strategy(node)]
+    for p in ctx.candidates(node.args[0]):
+        q = view_placement(list(x.shape), list(out.shape), p, ctx.world)
+        if q is not None and (p != R):
+            strategies.append(Strategy((p,), q, localize=hook if is_shard(q) else None))
+    return dedupe(strategies)
+
+
+def _remap(node_in: fx.Node, ctx: RuleContext, node: fx.Node, dim_fn) -> list[Strategy]:
+    """Strategies for ops that move dims around: dim_fn(input dim) -> output dim or None."""
+    strategies = [replicate_strategy(node)]
+    x = val(node_in)
+    for p in ctx.candidates(node_in):
+        if p == P and x.is_floating_point():
+            strategies.append(Strategy((P,), P))
+        elif is_shard(p):
+            d = dim_fn(p.dim % x.ndim)
+            if d is not None:
+                strategies.append(Strategy((p,), S(d, split_factor(p))))
+    return dedupe(strategies)
+
+
+@register_rule(aten.transpose.int)
+def transpose_rule(node, ctx):
+    x = val(node.args[0])
+    a, b = node.args[1] % x.ndim, node.args[2] % x.ndim
+    return _remap(node.args[0], ctx, node, lambda d: b if d == a else a if d == b else d)
+
+
+@register_rule(aten.t.default)
+def t_rule(node, ctx):
+    return _remap(node.args[0], ctx, node, lambda d: 1 - d if val(node.args[0]).ndim == 2 else d)
+
+
+@register_rule(aten.permute.default)
+def permute_rule(node, ctx):
+    x = val(node.args[0])
+    dims = [d % x.ndim for d in node.args[1]]
+    return _remap(node.args[0], ctx, node, lambda d: dims.index(d))
+
+
+@register_rule(aten.slice.Tensor)
+def slice_rule(node, ctx):
+    x = val(node.args[0])
+    dim = (node.args[1] if len(node.args) > 1 else 0) % x.ndim
+    full = val(node).shape[dim] == x.shape[dim]
+    return _remap(node.args[0], ctx, node, lambda d: d if (d != dim or full) else None)
+
+
+@register_rule(aten.select.int)
+def select_rule(node, ctx):
+    x = val(node.args[0])
+    dim = node.args[1] % x.ndim
+    return _remap(node.args[0], ctx, node, lambda d: None if d == dim else (d if d < dim else d - 1))
+
+
+@register_rule(aten.expand.default)
+def expand_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    x, out = val(node.args[0]), val(node)
+    off = out.ndim - x.ndim
+    strategies = []
+    for s in _remap(node.args[0], ctx, node, lambda d: d + off):
+        strategies.append(Strategy(s.inputs, s.output, localize=_localize_shape if is_shard(s.output) else None))
+    # a replicated input broadcast along a new/size-1 dim may be expanded locally to a shard
+    for d in range(out.ndim):
+        j = d - off
+        if (j < 0 or x.shape[j] == 1) and out.shape[d] != 1 and ctx.shardable(out.shape[d]):
+            strategies.append(Strategy((R,), S(d), localize=_localize_shape))
+    return dedupe(strategies)
+
+
+def _localize_split(node: fx.Node, strategy: Strategy, lctx) -> None:
+    size = node.args[1]
+    size = [s // lctx.world for s in size] if isinstance(size, (list, tuple)) else size // lctx.world
+    node.args = (node.args[0], size, *node.args[2:])
+
+
+@register_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
+def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    x, outs = val(node.args[0]), val(node)
+    unbind = node.target == aten.unbind.int
+    dim = (node.args[1] if unbind else (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)))
+    dim = (dim if dim is not None else 0) % x.ndim
+    k = len(outs)
+    strategies = [replicate_strategy(node)]
+    for p in ctx.candidates(node.args[0]):
+        if p == P and x.is_floating_point():
+            strategies.append(Strategy((P,), tuple(P for _ in outs)))
+        elif is_shard(p):
+            d, f = p.dim % x.ndim, split_factor(p)
+            if d != dim:
+                nd = d if (not unbind or d < dim) else d - 1
+                strategies.append(Strategy((p,), tuple(S(nd, f) for _ in outs)))
+            elif not unbind and f % k == 0 and len({o.shape[dim] for o in outs}) == 1:
+                strategies.append(Strategy((p,), tuple(S(d, f // k) for _ in outs), localize=_localize_split))
+    return dedupe(strategies)
+
+
+@register_rule(aten.cat.default)
+def cat_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    ins = tensor_inputs(node)
+    out = val(node)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out.ndim
+    strategies = [replicate_strategy(node)]
+    if not ins or any(val(a).ndim != out.ndim for a in ins):
+        return strategies
+    if all(val(a).is_floating_point() for a in ins):
+        strategies.append(Strategy(tuple(P for _ in ins), P))
+    options = {(p.dim % out.ndim, split_factor(p)) for a in ins for p in ctx.candidates(a) if is_shard(p)}
+    same_size = len({val(a).shape[dim] for a in ins}) == 1
+    for d, f in sorted(options):
+        if not all(ctx.shardable(val(a).shape[d], f) for a in ins):
+            continue
+        if d != dim:
+            strategies.append(Strategy(tuple(S(d, f) for _ in ins), S(d, f)))
+        elif same_size:
+            strategies.append(Strategy(tuple(S(d, f) for _ in ins), S(d, f * len(ins))))
+    return dedupe(strategies)
+
+
+@register_rule(aten.stack.default)
+def stack_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    ins = tensor_inputs(node)
+    out = val(node)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out.ndim
+    strategies = [replicate_strategy(node)]
+    options = {(p.dim % val(a).ndim, split_factor(p)) for a in ins for p in ctx.candidates(a) if is_shard(p)}
+    for d, f in sorted(options):
+        if all(ctx.shardable(val(a).shape[d], f) for a in ins):
+            strategies.append(Strategy(tuple(S(d, f) for _ in ins), S(d if d < dim else d + 1, f)))
+    return dedupe(strategies)

@@ -1,0 +1,202 @@
+r"""solve: choose one strategy per node — the plan.
+
+Formulation (an integer linear program, solved exactly by HiGHS through ``scipy.optimize.milp``)
+
+Variables
+    y[v,k] in {0,1}     node v runs strategy k                          (one per node)
+    r[t,q,p] in [0,1]   tensor t, produced as q, is redistributed to p  (shared by its consumers)
+    z[t] in [0,1]       replicated tensor t is used inside a sharded op (needs f: backward all-reduce)
+
+Constraints
+    (one)      sum_k y[v,k] = 1                                   for every node v
+    (redist)   r[t,q,p] >= X[t,q] + Y[v,i,p] - 1                  for every consumer slot (v,i) of t
+               X[t,q] = sum of y[u,k] over producer strategies with output q,
+               Y[v,i,p] = sum of y[v,k] over consumer strategies that need p at slot i
+    (never)    X[t,q] + Y[v,i,p] <= 1   if q cannot become p (anything -> Partial), and for
+               parameters whenever q != p: tensor parallelism moves activations, never weights
+    (f)        z[t] >= sum of y[v,k] over strategies k of consumer v that take t replicated
+               while sharding something else (their gradient for t is a partial sum)
+
+Objective, lexicographic
+    1. memory:  minimise sum_k y[w,k] * bytes(w) / (N if k shards w else 1) over weight
+       matrices w (parameters with >= 2 dims; vectors such as norm scales are O(d) and free)
+    2. time:    minimise sum r[t,q,p] * T(q->p, t) + sum z[t] * T_allreduce(t) + eps * (#sharded ops)
+       with memory held at its optimum.  T is ``autotp.cost`` at the chosen link: forward
+       collectives plus, when training, the backward ones (the transposes).
+
+On a dense decoder layer the optimum is Megatron's: column-parallel q/k/v and gate/up
+(f: one backward all-reduce each), row-parallel o/down (g: one forward all-reduce each).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.fx as fx
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
+from autotp.passes.context import AutoTPError, PassContext
+from autotp.passes.redistribute import reduce_grad_time, transition_time
+from autotp.passes.rules import tensor_inputs, val
+from autotp.placement import R, is_shard
+
+_EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
+
+
+class _ILP:
+    def __init__(self):
+        self.cost_mem, self.cost_time, self.integral, self.ub = [], [], [], []
+        self.rows, self.cols, self.data, self.lo, self.hi = [], [], [], [], []
+        self.nrows = 0
+
+    def var(self, mem=0.0, t=0.0, integral=True) -> int:
+        self.cost_mem.append(mem); self.cost_time.append(t); self.integral.append(1 if integral else 0)
+        return len(self.cost_mem) - 1
+
+    def row(self, coeffs: dict[int, float], lo: float, hi: float) -> None:
+        for j, c in coeffs.items():
+            self.rows.append(self.nrows); self.cols.append(j); self.data.append(c)
+        self.lo.append(lo); self.hi.append(hi); self.nrows += 1
+
+    def solve(self, objective: np.ndarray, extra=None):
+        n = len(self.cost_mem)
+        A = coo_matrix((self.data, (self.rows, self.cols)), shape=(self.nrows, n)).tocsr()
+        cons = [LinearConstraint(A, np.array(self.lo), np.array(self.hi))]
+        if extra is not None:
+            cons.append(extra)
+        res = milp(objective, constraints=cons, integrality=np.array(self.integral), bounds=Bounds(0, 1),
+                   options={"mip_rel_gap": 1e-9, "time_limit": 120})
+        if res.x is None:
+            raise AutoTPError(f"the placement solver found no plan ({res.message}); please report this model")
+        return res.x
+
+
+def _bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _needs_grad(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
+    grad = set()
+    for n in gm.graph.nodes:
+        v = val(n)
+        if n.op == "placeholder":
+            if n.name in ctx.params and isinstance(v, torch.Tensor) and v.is_floating_point():
+                grad.add(n)
+        elif n.op == "call_function":
+            float_out = (isinstance(v, torch.Tensor) and v.is_floating_point()) or (
+                isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in v))
+            if float_out and any(a in grad for a in n.all_input_nodes):
+                grad.add(n)
+    return grad
+
+
+def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    t0 = time.perf_counter()
+    lp = _ILP()
+    world, link = ctx.world, ctx.link
+    grad = _needs_grad(gm, ctx) if ctx.training else set()
+    y: dict[fx.Node, list[int]] = {}
+    nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
+    for n in nodes:
+        strategies = n.meta["autotp"]["strategies"]
+        v = val(n)
+        is_weight = n.op == "placeholder" and n.name in ctx.params and v.ndim >= 2
+        ids = []
+        for s in strategies:
+            mem = _bytes(v) / (world if is_shard(s.output) else 1) if is_weight else 0.0
+            ids.append(lp.var(mem=mem, t=0.0 if s.replicated else _EPS))
+        y[n] = ids
+        lp.row({j: 1.0 for j in ids}, 1.0, 1.0)
+
+    def producer_options(t: fx.Node) -> dict:
+        """placement q -> variable ids whose choice makes t come out as q."""
+        alias = t.meta.get("autotp", {}).get("alias_of")
+        if alias is not None:
+            root, idx = alias
+            strategies = root.meta["autotp"]["strategies"]
+            out = {}
+            for k, s in enumerate(strategies):
+                out.setdefault(s.output[idx], []).append(y[root][k])
+            return out
+        out = {}
+        for k, s in enumerate(t.meta["autotp"]["strategies"]):
+            out.setdefault(s.output, []).append(y[t][k])
+        return out
+
+    redist: dict[tuple, int] = {}
+    freduce: dict[fx.Node, int] = {}
+
+    def consume(t: fx.Node, need: dict, sharded_use: list[int]) -> None:
+        """Consumer needs placement p when any var in need[p] is 1."""
+        info = t.meta.get("autotp", {})
+        if not info.get("strategies") and "alias_of" not in info:
+            return
+        have = producer_options(t)
+        nbytes = _bytes(val(t))
+        is_param = t.op == "placeholder" and t.name in ctx.params
+        for q, qvars in have.items():
+            for p, pvars in need.items():
+                if q == p:
+                    continue
+                cost = None if is_param else transition_time(q, p, nbytes, world, link, t in grad)
+                coeffs = {j: 1.0 for j in qvars}
+                for j in pvars:
+                    coeffs[j] = coeffs.get(j, 0.0) + 1.0
+                if cost is None:
+                    lp.row(coeffs, -np.inf, 1.0)
+                    continue
+                key = (t, q, p)
+                if key not in redist:
+                    redist[key] = lp.var(t=cost * 1e6, integral=False)
+                coeffs[redist[key]] = -1.0
+                lp.row(coeffs, -np.inf, 1.0)
+        if sharded_use and t in grad:
+            if t not in freduce:
+                freduce[t] = lp.var(t=reduce_grad_time(nbytes, world, link) * 1e6, integral=False)
+            lp.row({freduce[t]: 1.0, **{j: -1.0 for j in sharded_use}}, 0.0, np.inf)
+
+    for v in nodes:
+        if v.op == "placeholder":
+            continue
+        strategies = v.meta["autotp"]["strategies"]
+        for i, t in enumerate(tensor_inputs(v)):
+            need: dict = {}
+            sharded = []
+            for k, s in enumerate(strategies):
+                need.setdefault(s.inputs[i], []).append(y[v][k])
+                if s.inputs[i] == R and not s.replicated:
+                    sharded.append(y[v][k])
+            consume(t, need, sharded)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    if not ctx.sharded_outputs:
+        for t in out_node.all_input_nodes:
+            if isinstance(val(t), torch.Tensor):
+                # the output must be replicated: a constant requirement (no variable), modelled
+                # as a fixed 1-valued variable
+                one = lp.var()
+                lp.row({one: 1.0}, 1.0, 1.0)
+                consume(t, {R: [one]}, [])
+
+    mem = np.array(lp.cost_mem)
+    x1 = lp.solve(mem)
+    best_mem = float(mem @ x1)
+    tcost = np.array(lp.cost_time)
+    keep = LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)
+    x = lp.solve(tcost, keep)
+    for n in gm.graph.nodes:
+        n.meta.setdefault("autotp", {})["grad"] = n in grad or not ctx.training
+    for n in nodes:
+        k = int(np.argmax([x[j] for j in y[n]]))
+        s = n.meta["autotp"]["strategies"][k]
+        n.meta["autotp"]["strategy"] = s
+        n.meta["autotp"]["placement"] = s.output
+    for n in gm.graph.nodes:
+        alias = n.meta.get("autotp", {}).get("alias_of")
+        if alias is not None and "strategy" in alias[0].meta.get("autotp", {}):
+            n.meta["autotp"]["placement"] = alias[0].meta["autotp"]["strategy"].output[alias[1]]
+    ctx.solver_stats = {"variables": len(lp.cost_mem), "constraints": lp.nrows,
+                        "weight_bytes_per_rank": best_mem, "comm_time_us": float(tcost @ x),
+                        "seconds": time.perf_counter() - t0}
+    return gm
