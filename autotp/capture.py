@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
@@ -38,10 +39,48 @@ class Captured:
     in_spec: Any
     out_spec: Any
     example_kwargs: dict            # kwargs given at capture (e.g. use_cache=False): the defaults
+    symbols: dict = dataclasses.field(default_factory=dict)   # export's size symbol -> sympy batch/seq
+
+
+def hint_int(s) -> int:
+    return int(s) if isinstance(s, int) else int(guarding_hint_or_throw(s))
+
+
+def concrete(v):
+    """A value with its symbolic sizes replaced by their example (hint) values."""
+    if isinstance(v, torch.Tensor):
+        if all(isinstance(s, int) for s in v.shape):
+            return v
+        return torch.empty([hint_int(s) for s in v.shape], dtype=v.dtype, device="meta")
+    if isinstance(v, torch.SymInt):
+        return hint_int(v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(concrete(x) for x in v)
+    return v
+
+
+def attach_concrete(gm: fx.GraphModule) -> None:
+    """``meta["autotp_val"]``: every node's value at the example's sizes (see ``rules.val``)."""
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["autotp_val"] = concrete(node.meta["val"])
+
+
+def dynamic_spec(args: tuple, kwargs: dict, names: list[str]):
+    """Batch (dim 0) and sequence (dim 1) of every tensor input may vary: ``Dim.AUTO`` lets
+    export keep them symbolic where the model allows and specialise them where it does not."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(x):
+        if isinstance(x, torch.Tensor) and x.ndim >= 1:
+            return {d: auto for d in range(min(x.ndim, 2))}
+        return None
+
+    return {names[i]: spec(a) for i, a in enumerate(args)} | {k: spec(v) for k, v in kwargs.items()}
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-            dynamic_shapes=None) -> Captured:
+            dynamic: bool = True) -> Captured:
     kwargs = dict(kwargs or {})
     forward = getattr(model, "forward", None)
     try:
@@ -50,9 +89,21 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             kwargs["use_cache"] = False          # KV-cache objects do not export; training needs none
     except (TypeError, ValueError):
         pass
+    dynamic_shapes = None
+    if dynamic:
+        try:
+            names = [p for p in inspect.signature(forward).parameters][: len(args)]
+            dynamic_shapes = dynamic_spec(tuple(args), kwargs, names)
+        except (TypeError, ValueError):
+            dynamic_shapes = None
     try:
-        program = torch.export.export(model, tuple(args), kwargs=kwargs, strict=False,
-                                      dynamic_shapes=dynamic_shapes)
+        try:
+            program = torch.export.export(model, tuple(args), kwargs=kwargs, strict=False,
+                                          dynamic_shapes=dynamic_shapes)
+        except Exception:  # noqa: BLE001 — symbolic sizes are a convenience: retry static
+            if dynamic_shapes is None:
+                raise
+            program = torch.export.export(model, tuple(args), kwargs=kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 — re-raised with the way out
         raise AutoTPError(
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
@@ -79,8 +130,26 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     gm = program.graph_module
     _merge_tied(gm, params, model)
     canonicalize(gm)
+    attach_concrete(gm)
     return Captured(gm, program, params, buffers, constants, users, program.call_spec.in_spec,
-                    program.call_spec.out_spec, kwargs)
+                    program.call_spec.out_spec, kwargs, _size_symbols(gm, users))
+
+
+def _size_symbols(gm: fx.GraphModule, users: list[str]) -> dict:
+    """Name export's size symbols after what they are: dim 0 of the inputs is ``batch``,
+    dim 1 is ``seq`` (the first input that has them names them)."""
+    import sympy
+    names = {0: sympy.Symbol("batch", positive=True, integer=True),
+             1: sympy.Symbol("seq", positive=True, integer=True)}
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in users and isinstance(node.meta.get("val"), torch.Tensor):
+            for d, size in enumerate(node.meta["val"].shape[:2]):
+                if isinstance(size, torch.SymInt):
+                    expr = size.node.expr
+                    if expr.is_Symbol and expr not in out and names[d] not in out.values():
+                        out[expr] = names[d]
+    return out
 
 
 def _merge_tied(gm: fx.GraphModule, params: dict[str, str], model: torch.nn.Module) -> None:

@@ -28,7 +28,8 @@ class Collective:
     kind: str                      # comm function: all_reduce, reduce_grad, all_gather, ...
     forward: str | None            # collective run in forward (None: none)
     backward: str | None           # collective run in backward (None: none)
-    shape: tuple                   # full (global) shape of the tensor moved
+    shape: tuple                   # full (global) shape of the tensor moved, at the example's sizes
+    sym_shape: tuple               # the same with sympy ``batch`` / ``seq`` where the size varies
     dtype: torch.dtype
     module: str
     source: str
@@ -40,6 +41,15 @@ class Collective:
         for s in self.shape:
             n *= s
         return n * self.dtype.itemsize
+
+    @property
+    def sym_bytes(self):
+        """Bytes as a sympy expression in ``batch`` and ``seq``."""
+        import sympy
+        n = sympy.Integer(self.dtype.itemsize)
+        for s in self.sym_shape:
+            n = n * s
+        return n
 
     @property
     def layer(self) -> int | None:
@@ -118,8 +128,20 @@ class Plan:
                 continue
             v = val(node)
             out.append(Collective(node.name, info["collective"], info["forward"], info["backward"],
-                                  tuple(v.shape), v.dtype, module_path(node), user_line(node), info["reason"]))
+                                  tuple(v.shape), self._sym_shape(node), v.dtype, module_path(node),
+                                  user_line(node), info["reason"]))
         return out
+
+    def _sym_shape(self, node: fx.Node) -> tuple:
+        import sympy
+        v = node.meta.get("val")
+        out = []
+        for s in v.shape:
+            if isinstance(s, torch.SymInt):
+                out.append(sympy.sympify(s.node.expr).xreplace(self.captured.symbols))
+            else:
+                out.append(sympy.Integer(s))
+        return tuple(out)
 
     def counts(self) -> dict:
         """{'forward': Counter(kind), 'backward': Counter(kind), 'per_layer_forward': {layer: Counter}}"""
@@ -229,12 +251,12 @@ def _expand_overrides(overrides: dict | None, names: list[str]) -> dict[str, Pla
 
 def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, world_size: int,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
-              sharded_outputs: bool = False, dynamic_shapes=None) -> Plan:
+              sharded_outputs: bool = False, dynamic: bool = True) -> Plan:
     if world_size < 1:
         raise AutoTPError(f"world_size must be >= 1, got {world_size}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic_shapes)
+    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic)
     aliases: dict[str, list[str]] = collections.defaultdict(list)
     by_id = {}
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -32,6 +32,7 @@ class Case:
     seq: int = 8
     vocab: int | None = None                  # default: model.config.vocab_size
     kwargs: dict = dataclasses.field(default_factory=dict)   # parallelize options
+    other_shapes: tuple = ((3, 5),)           # (batch, seq) to run after planning on (batch, seq)
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ class Result:
     name: str
     world: int
     logits_err: float = float("nan")          # max |parallel - reference| / max |reference|
+    other_shape_err: float = 0.0              # the same, for inputs of other shapes than the example
     grad_err: float = float("nan")            # worst over parameters, each relative to its own scale
     worst_grad: str = ""
     forward_counts: dict = dataclasses.field(default_factory=dict)
@@ -100,6 +102,13 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
         if missing:
             raise AssertionError(f"parameters missing from the parallel model: {missing}")
         res.grad_err, res.worst_grad = worst, worst_name
+        for b, t in case.other_shapes:
+            other = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed + 2))
+            with torch.no_grad():
+                want = _logits(reference(other))
+                got = _logits(pmodel(other))
+            err = (got - want).abs().max().item() / want.abs().max().item()
+            res.other_shape_err = max(res.other_shape_err, err)
     except Exception:  # noqa: BLE001 — reported to the parent process
         res.error = traceback.format_exc()
     return res

@@ -60,7 +60,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for step in route:
             with graph.inserting_after(cur):
                 new = graph.call_function(step.fn, (cur, *step.args, ctx.group))
-            new.meta["val"] = val(t)
+            new.meta["val"], new.meta["autotp_val"] = t.meta["val"], val(t)
             _copy_meta(t if t.op != "placeholder" else consumer, new)   # it belongs to the producer
             new_p = dst if step is route[-1] else R
             new.meta["autotp"] = {"placement": new_p, "collective": step.fn.__name__,
@@ -75,7 +75,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if key not in made:
             with graph.inserting_after(t):
                 new = graph.call_function(comm.reduce_grad, (t, ctx.group))
-            new.meta["val"] = val(t)
+            new.meta["val"], new.meta["autotp_val"] = t.meta["val"], val(t)
             _copy_meta(consumer, new)
             new.meta["autotp"] = {"placement": R, "collective": "reduce_grad", "forward": None,
                                   "backward": "all_reduce",

@@ -87,6 +87,15 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def val(node) -> torch.Tensor | None:
+    """The node's value with concrete shapes (meta tensors): the example's batch and sequence
+    sizes stand in for the symbolic ones, so rules do plain integer arithmetic."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta["autotp_val"] if "autotp_val" in node.meta else node.meta.get("val")
+
+
+def sym_val(node):
+    """The node's value as export traced it: batch/sequence dims are ``SymInt``s."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 

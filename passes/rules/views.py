@@ -65,11 +65,16 @@ def view_placement(ishape, oshape, p: Placement, world: int) -> Placement | None
 
 
 def _localize_shape(node: fx.Node, strategy: Strategy, lctx) -> None:
-    """Rewrite the target-shape argument to this rank's local output shape."""
-    out = val(node)
-    shape = list(out.shape)
-    if is_shard(strategy.output):
-        shape[strategy.output.dim] //= lctx.world
+    """Divide the sharded dim's entry of the target-shape argument by the world size.  Other
+    entries stay as traced (symbolic batch/sequence sizes keep working; -1 still infers)."""
+    if not is_shard(strategy.output):
+        return
+    shape = list(node.args[1])
+    d = strategy.output.dim
+    if len(shape) != val(node).ndim:
+        raise AssertionError(f"{node.name}: shape argument {shape} does not match the output rank")
+    if isinstance(shape[d], int) and shape[d] != -1:
+        shape[d] //= lctx.world
     node.args = (node.args[0], shape, *node.args[2:])
 
 
