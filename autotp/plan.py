@@ -182,8 +182,7 @@ class Plan:
                 target = node.target
                 op = (target.__name__ if callable(target) and not hasattr(target, "_schema")
                       else str(target).replace("aten.", "").replace(".default", ""))
-                args = ", ".join(a.name for a in node.all_input_nodes)
-                op = f"{op}({args})"
+                op = f"{op}({_args_text(node)})"
             shape = _shape_text(v, p, self.world)
             extra = ""
             if "collective" in info:
@@ -193,8 +192,7 @@ class Plan:
 
     def summary(self) -> str:
         """Per-weight placements and roles, collectives per layer, notes."""
-        lines = [f"autotp plan: world size {self.world}, "
-                 f"{len(self.placements)} parameters, solver {self.ctx.solver_stats.get('seconds', 0):.2f}s"]
+        lines = [f"autotp plan: world size {self.world}, {len(self.placements)} parameters"]
         roles = self.roles()
         width = max((len(n) for n in roles), default=10)
         for name, p in self.placements.items():
@@ -211,6 +209,22 @@ class Plan:
 
     def __str__(self):
         return self.summary()
+
+
+def _args_text(node: fx.Node) -> str:
+    def show(a):
+        if isinstance(a, fx.Node):
+            return a.name
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(show(x) for x in a) + "]"
+        if isinstance(a, torch.dtype):
+            return str(a).replace("torch.", "")
+        if isinstance(a, float):
+            return f"{a:g}"
+        return str(a)
+    parts = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()
+                                            if k not in ("device", "pin_memory", "layout")]
+    return ", ".join(parts)
 
 
 def _counter_text(c) -> str:

@@ -110,7 +110,7 @@ class ParallelModule(nn.Module):
     def _flat_user_inputs(self, args, kwargs) -> list:
         cap = self.plan.captured
         merged = {**cap.example_kwargs, **kwargs}
-        kw_spec = cap.in_spec.children_specs[1]
+        kw_spec = cap.in_spec.child(1)
         keys = list(kw_spec.context) if kw_spec.context else []
         extra = set(merged) - set(keys)
         if extra:

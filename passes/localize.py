@@ -57,7 +57,7 @@ class _ShapeCheck(fx.Interpreter):
         node = self._node
         if target in comm.COLLECTIVES:
             shape = expected_local_shape(node, self.world)
-            return torch.empty(shape, dtype=val(node).dtype)
+            return torch.empty(shape, dtype=val(node).dtype, device=args[0].device)
         return super().call_function(target, args, kwargs)
 
     def run_node(self, node):
@@ -96,7 +96,8 @@ def check_local_shapes(gm: fx.GraphModule, world: int) -> None:
                 continue
             v = val(node)
             if isinstance(v, torch.Tensor):
-                inputs.append(torch.empty(expected_local_shape(node, world), dtype=v.dtype))
+                device = node.meta["val"].device
+                inputs.append(torch.empty(expected_local_shape(node, world), dtype=v.dtype, device=device))
             else:
                 inputs.append(v)
         _ShapeCheck(gm, world).run(*inputs)

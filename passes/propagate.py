@@ -62,7 +62,8 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             rule = find_rule(node.target)
             if rule is None:
                 strategies = [replicate_strategy(node)]
-                if tensor_inputs(node):
+                # only worth saying when the op could have received something sharded
+                if any(p != R for a in tensor_inputs(node) for p in candidates.get(a, ())):
                     unknown.setdefault(str(node.target), []).append(node)
             else:
                 strategies = rule(node, rctx)

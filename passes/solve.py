@@ -9,11 +9,13 @@ Variables
 
 Constraints
     (one)      sum_k y[v,k] = 1                                   for every node v
-    (redist)   r[t,q,p] >= X[t,q] + Y[v,i,p] - 1                  for every consumer slot (v,i) of t
+    (edge)     for every consumer slot (v,i) of t, transport variables e[q,p] in [0,1]:
+               sum_p e[q,p] = X[t,q],  sum_q e[q,p] = Y[v,i,p]
                X[t,q] = sum of y[u,k] over producer strategies with output q,
                Y[v,i,p] = sum of y[v,k] over consumer strategies that need p at slot i
-    (never)    X[t,q] + Y[v,i,p] <= 1   if q cannot become p (anything -> Partial), and for
-               parameters whenever q != p: tensor parallelism moves activations, never weights
+    (redist)   r[t,q,p] >= e[q,p] for q != p  (one redistribution serves every consumer)
+    (never)    no e[q,p] where q cannot become p (anything -> Partial), nor for parameters
+               whenever q != p: tensor parallelism moves activations, never weights
     (f)        z[t] >= sum of y[v,k] over strategies k of consumer v that take t replicated
                while sharding something else (their gradient for t is a partial sum)
 
@@ -29,6 +31,7 @@ On a dense decoder layer the optimum is Megatron's: column-parallel q/k/v and ga
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -37,7 +40,7 @@ import torch.fx as fx
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from autotp.passes.context import AutoTPError, PassContext
+from autotp.passes.context import AutoTPError, PassContext, module_path
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.placement import R, is_shard
@@ -92,6 +95,42 @@ def _needs_grad(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
     return grad
 
 
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _layer_of(node: fx.Node, ctx: PassContext) -> int | None:
+    name = ctx.params.get(node.name) if node.op == "placeholder" else module_path(node)
+    m = _LAYER.search(name or "")
+    return int(m.group(1)) if m else None
+
+
+def _signature(node: fx.Node) -> tuple:
+    v = val(node)
+    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    strategies = tuple((s.inputs, s.output) for s in node.meta["autotp"]["strategies"])
+    return (node.op, str(node.target) if node.op != "placeholder" else "param", shape, strategies)
+
+
+def tie_repeated_layers(nodes: list[fx.Node], ctx: PassContext) -> dict[fx.Node, fx.Node]:
+    """Repeated decoder layers get one plan: node i of every layer whose op sequence (ops,
+    shapes, strategies) equals another's shares that layer's decision variables.  The ILP
+    then branches over one layer instead of L, and the plan is the same for every layer —
+    as Megatron's is.  Returns node -> representative node."""
+    layers: dict[int, list[fx.Node]] = {}
+    for n in nodes:
+        k = _layer_of(n, ctx)
+        if k is not None:
+            layers.setdefault(k, []).append(n)
+    first_of: dict[tuple, list[fx.Node]] = {}
+    tied = {}
+    for k in sorted(layers):
+        sig = tuple(_signature(n) for n in layers[k])
+        rep = first_of.setdefault(sig, layers[k])
+        if rep is not layers[k]:
+            tied.update(zip(layers[k], rep))
+    return tied
+
+
 def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     t0 = time.perf_counter()
     lp = _ILP()
@@ -99,16 +138,24 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     grad = _needs_grad(gm, ctx) if ctx.training else set()
     y: dict[fx.Node, list[int]] = {}
     nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
+    tied = tie_repeated_layers(nodes, ctx)
     for n in nodes:
         strategies = n.meta["autotp"]["strategies"]
         v = val(n)
         is_weight = n.op == "placeholder" and n.name in ctx.params and v.ndim >= 2
-        ids = []
-        for s in strategies:
+        rep = tied.get(n)
+        ids = y[rep] if rep is not None else []
+        for k, s in enumerate(strategies):
             mem = _bytes(v) / (world if is_shard(s.output) else 1) if is_weight else 0.0
-            ids.append(lp.var(mem=mem, t=0.0 if s.replicated else _EPS))
+            eps = 0.0 if s.replicated else _EPS
+            if rep is None:
+                ids.append(lp.var(mem=mem, t=eps))
+            else:
+                lp.cost_mem[ids[k]] += mem
+                lp.cost_time[ids[k]] += eps
         y[n] = ids
-        lp.row({j: 1.0 for j in ids}, 1.0, 1.0)
+        if rep is None:
+            lp.row({j: 1.0 for j in ids}, 1.0, 1.0)
 
     def producer_options(t: fx.Node) -> dict:
         """placement q -> variable ids whose choice makes t come out as q."""
@@ -128,30 +175,44 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     redist: dict[tuple, int] = {}
     freduce: dict[fx.Node, int] = {}
 
-    def consume(t: fx.Node, need: dict, sharded_use: list[int]) -> None:
-        """Consumer needs placement p when any var in need[p] is 1."""
+    def consume(t: fx.Node, need: dict, sharded_use: list[int], fixed: bool = False) -> None:
+        """Consumer slot needs placement p when any var in need[p] is 1 (``fixed``: need is a
+        constant requirement, not variables).  Transport formulation of the edge: e[q,p] is
+        "t comes as q and goes as p"; rows: sum_p e[q,p] = X[q], sum_q e[q,p] = Y[p].  Its LP
+        relaxation is tight on trees, which keeps HiGHS from branching much."""
         info = t.meta.get("autotp", {})
         if not info.get("strategies") and "alias_of" not in info:
             return
         have = producer_options(t)
         nbytes = _bytes(val(t))
         is_param = t.op == "placeholder" and t.name in ctx.params
-        for q, qvars in have.items():
-            for p, pvars in need.items():
+        e: dict[tuple, int] = {}
+        for q in have:
+            for p in need:
                 if q == p:
+                    e[q, p] = lp.var(integral=False)
                     continue
                 cost = None if is_param else transition_time(q, p, nbytes, world, link, t in grad)
-                coeffs = {j: 1.0 for j in qvars}
-                for j in pvars:
-                    coeffs[j] = coeffs.get(j, 0.0) + 1.0
                 if cost is None:
-                    lp.row(coeffs, -np.inf, 1.0)
                     continue
+                e[q, p] = lp.var(integral=False)
                 key = (t, q, p)
                 if key not in redist:
                     redist[key] = lp.var(t=cost * 1e6, integral=False)
-                coeffs[redist[key]] = -1.0
-                lp.row(coeffs, -np.inf, 1.0)
+                lp.row({redist[key]: 1.0, e[q, p]: -1.0}, 0.0, np.inf)
+        for q, qvars in have.items():
+            row = {e[q, p]: 1.0 for p in need if (q, p) in e}
+            for j in qvars:
+                row[j] = row.get(j, 0.0) - 1.0
+            lp.row(row, 0.0, 0.0)
+        for p, pvars in need.items():
+            row = {e[q, p]: 1.0 for q in have if (q, p) in e}
+            if fixed:
+                lp.row(row, 1.0, 1.0)
+                continue
+            for j in pvars:
+                row[j] = row.get(j, 0.0) - 1.0
+            lp.row(row, 0.0, 0.0)
         if sharded_use and t in grad:
             if t not in freduce:
                 freduce[t] = lp.var(t=reduce_grad_time(nbytes, world, link) * 1e6, integral=False)
@@ -173,11 +234,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if not ctx.sharded_outputs:
         for t in out_node.all_input_nodes:
             if isinstance(val(t), torch.Tensor):
-                # the output must be replicated: a constant requirement (no variable), modelled
-                # as a fixed 1-valued variable
-                one = lp.var()
-                lp.row({one: 1.0}, 1.0, 1.0)
-                consume(t, {R: [one]}, [])
+                consume(t, {R: []}, [], fixed=True)      # outputs come back replicated
 
     mem = np.array(lp.cost_mem)
     x1 = lp.solve(mem)

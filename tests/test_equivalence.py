@@ -60,3 +60,27 @@ def test_megatron_collective_counts(results):
     assert r.forward_counts == {"all_reduce": 2 * layers, "all_gather_into_tensor": 2}, r.forward_counts
     # backward: f before q/k/v and gate/up per layer, and f before lm_head
     assert r.backward_counts == {"all_reduce": 2 * layers + 1}, r.backward_counts
+
+
+ODD = {
+    # 3 ranks: vocab 101 and ffn 200 do not divide; heads 6 and kv heads 3 do
+    "llama-odd": dict(FAMILIES["llama"], hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                      intermediate_size=200, vocab_size=101),
+    # GPT-2 with 6 heads of 16, vocab 101 (tied), ffn 4*96
+    "gpt2-odd": dict(FAMILIES["gpt2"], n_embd=96, n_head=6, vocab_size=101),
+    # MQA: one kv head shared by every query head
+    "llama-mqa": dict(FAMILIES["llama"], hidden_size=96, num_attention_heads=6, num_key_value_heads=1,
+                      intermediate_size=192, vocab_size=99),
+}
+
+
+def test_sizes_that_do_not_divide_three_ranks():
+    """A correct plan, never a wrong number: what cannot split by 3 runs replicated or gathered."""
+    per_rank = verify([Case(n, HFModel(c)) for n, c in ODD.items()], 3)
+    for rank, res in enumerate(per_rank):
+        for r in res:
+            assert not r.error, f"{r.name} rank {rank}:\n{r.error}"
+            assert r.logits_err <= TOL and r.grad_err <= TOL and r.other_shape_err <= TOL, \
+                (r.name, r.logits_err, r.grad_err, r.worst_grad, r.other_shape_err)
+    llama = next(x for x in per_rank[0] if x.name == "llama-odd")
+    assert llama.placements["model.layers.0.self_attn.q_proj.weight"] != "R"   # heads split 2 per rank

@@ -29,7 +29,11 @@ _EXTRA = (aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.def
           aten.alias.default, aten.contiguous.default, aten.dropout.default, aten.detach.default,
           aten.type_as.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
           aten.where.ScalarOther, aten.where.ScalarSelf, aten.lift_fresh_copy.default, aten.copy.default,
-          aten.triu.default, aten.tril.default)
+          aten.triu.default, aten.tril.default, aten.__and__.Tensor, aten.__or__.Tensor,
+          aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default, aten.logical_and.default,
+          aten.logical_or.default, aten.logical_not.default, aten.clamp.default, aten.clamp_min.default,
+          aten.clamp_max.default, aten.fill.Scalar, aten.zeros_like.default, aten.ones_like.default,
+          aten.full_like.default, aten.empty_like.default)
 
 
 def _dim_map(inp: torch.Tensor, out: torch.Tensor) -> dict[int, int]:
