@@ -265,7 +265,8 @@ def _expand_overrides(overrides: dict | None, names: list[str]) -> dict[str, Pla
 
 def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, world_size: int,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
-              sharded_outputs: bool = False, dynamic: bool = True) -> Plan:
+              sharded_outputs: bool = False, dynamic: bool = True, plan_batch: int = 4,
+              plan_seq: int = 2048) -> Plan:
     if world_size < 1:
         raise AutoTPError(f"world_size must be >= 1, got {world_size}")
     if not isinstance(example_inputs, (tuple, list)):
@@ -283,9 +284,12 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
     for name, pl in pins.items():
         canonical = next((c for c in captured.params.values() if name in aliases.get(c, [c])), name)
         canonical_pins[canonical] = pl
+    import sympy
+    sizes = {"batch": plan_batch, "seq": plan_seq}
+    plan_sizes = {sym: sympy.Integer(sizes[str(name)]) for sym, name in captured.symbols.items()}
     ctx = PassContext(world=world_size, strict=strict, link=link, training=training,
                       sharded_outputs=sharded_outputs, pins=canonical_pins, params=captured.params,
-                      buffers=captured.buffers, user_inputs=captured.user_inputs)
+                      buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes)
     gm = captured.gm
     for p in PLAN_PASSES:
         gm = p(gm, ctx)

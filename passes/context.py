@@ -59,6 +59,7 @@ class PassContext:
     sharded_outputs: return outputs in the placement the plan gives them (as DTensors)
         instead of replicating them.
     pins: parameter name -> placement the user fixed (``overrides=``).
+    plan_sizes: size symbol -> value at which the solver weighs communication.
     """
     world: int
     rank: int = 0
@@ -73,6 +74,9 @@ class PassContext:
     user_inputs: list = dataclasses.field(default_factory=list)  # placeholder names of user inputs
     notes: list = dataclasses.field(default_factory=list)        # what the plan wants a reader to know
     solver_stats: dict = dataclasses.field(default_factory=dict)
+    # the sizes costs are evaluated at: export's size symbols -> planning values (batch 4,
+    # sequence 2048 by default: a training shape, not the tiny example used for tracing)
+    plan_sizes: dict = dataclasses.field(default_factory=dict)
 
     def note(self, text: str) -> None:
         if text not in self.notes:

@@ -23,7 +23,8 @@ Objective, lexicographic
     1. memory:  minimise sum_k y[w,k] * bytes(w) / (N if k shards w else 1) over weight
        matrices w (parameters with >= 2 dims; vectors such as norm scales are O(d) and free)
     2. time:    minimise sum r[t,q,p] * T(q->p, t) + sum z[t] * T_allreduce(t) + eps * (#sharded ops)
-       with memory held at its optimum.  T is ``autotp.cost`` at the chosen link: forward
+       with memory held within 1% of its optimum (``MEMORY_SLACK``): a tiny weight such as a
+       MoE router may stay replicated when splitting it would cost a collective per layer.  T is ``autotp.cost`` at the chosen link: forward
        collectives plus, when training, the backward ones (the transposes).
 
 On a dense decoder layer the optimum is Megatron's: column-parallel q/k/v and gate/up
@@ -39,13 +40,15 @@ import torch
 import torch.fx as fx
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
 from autotp.passes.context import AutoTPError, PassContext, module_path
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
-from autotp.placement import R, is_shard
+from autotp.placement import R, is_shard, split_factor
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
+MEMORY_SLACK = 0.01  # phase 2 may spend 1% more weight memory to save communication (a router)
 
 
 class _ILP:
@@ -76,8 +79,54 @@ class _ILP:
         return res.x
 
 
+def _strided(s) -> int:
+    """Strided (fused-layout) placements in a strategy: prefer plain shards among equals."""
+    outs = s.output if isinstance(s.output, tuple) else (s.output,)
+    return sum(1 for p in (*s.inputs, *outs) if p is not None and split_factor(p) > 1)
+
+
 def _bytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def planned_bytes(node: fx.Node, ctx: PassContext) -> float:
+    """Bytes of ``node``'s tensor at the planning sizes (``ctx.plan_sizes``): symbolic batch
+    and sequence dims take those values, so costs reflect a training step, not the example."""
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return float(_bytes(val(node)))
+    n = 1
+    for s in v.shape:
+        if isinstance(s, torch.SymInt):
+            expr = s.node.expr
+            try:
+                n *= int(expr.xreplace(ctx.plan_sizes)) if ctx.plan_sizes else int(guarding_hint_or_throw(s))
+            except (TypeError, ValueError):
+                n *= int(guarding_hint_or_throw(s))
+        else:
+            n *= int(s)
+    return float(n * v.element_size())
+
+
+_WEIGHT_VIEWS = {"aten.transpose.int", "aten.t.default", "aten.view.default", "aten.reshape.default",
+                 "aten.permute.default", "aten.to.dtype", "aten._to_copy.default", "aten.alias.default",
+                 "aten.contiguous.default", "aten.clone.default", "aten.detach.default", "aten.unsqueeze.default",
+                 "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
+                 "aten.chunk.default", "aten.unbind.int", "<built-in function getitem>", "aten.expand.default"}
+
+
+def weights(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
+    """Parameters and views of them (a transposed expert weight is still the weight): tensor
+    parallelism never moves these; only activations are communicated."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.name in ctx.params:
+            out.add(n)
+        elif n.op == "call_function" and str(n.target) in _WEIGHT_VIEWS:
+            ins = n.all_input_nodes
+            if ins and all(a in out for a in ins):
+                out.add(n)
+    return out
 
 
 def _needs_grad(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
@@ -136,6 +185,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     lp = _ILP()
     world, link = ctx.world, ctx.link
     grad = _needs_grad(gm, ctx) if ctx.training else set()
+    weight_like = weights(gm, ctx)
     y: dict[fx.Node, list[int]] = {}
     nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
     tied = tie_repeated_layers(nodes, ctx)
@@ -147,7 +197,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ids = y[rep] if rep is not None else []
         for k, s in enumerate(strategies):
             mem = _bytes(v) / (world if is_shard(s.output) else 1) if is_weight else 0.0
-            eps = 0.0 if s.replicated else _EPS
+            eps = 0.0 if s.replicated else _EPS * (1 + _strided(s))
             if rep is None:
                 ids.append(lp.var(mem=mem, t=eps))
             else:
@@ -184,8 +234,8 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if not info.get("strategies") and "alias_of" not in info:
             return
         have = producer_options(t)
-        nbytes = _bytes(val(t))
-        is_param = t.op == "placeholder" and t.name in ctx.params
+        nbytes = planned_bytes(t, ctx)
+        is_param = t in weight_like
         e: dict[tuple, int] = {}
         for q in have:
             for p in need:
@@ -240,7 +290,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     x1 = lp.solve(mem)
     best_mem = float(mem @ x1)
     tcost = np.array(lp.cost_time)
-    keep = LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)
+    keep = LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + MEMORY_SLACK) + 0.5)
     x = lp.solve(tcost, keep)
     for n in gm.graph.nodes:
         n.meta.setdefault("autotp", {})["grad"] = n in grad or not ctx.training

@@ -15,3 +15,15 @@ FAMILIES = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gpt2": GPT2}
 
 def build(name: str, **overrides):
     return HFModel({**FAMILIES[name], **overrides})()
+
+MIXTRAL = dict(model_type="mixtral", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+QWEN2_MOE = dict(model_type="qwen2_moe", vocab_size=128, hidden_size=64, intermediate_size=96,
+                 moe_intermediate_size=48, shared_expert_intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+MOE_FAMILIES = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE}
+FAMILIES_ALL = {**FAMILIES, **MOE_FAMILIES}
+
+
+def build_any(name: str, **overrides):
+    return HFModel({**FAMILIES_ALL[name], **overrides})()

@@ -15,6 +15,7 @@ Where a rule lives:
 ``reductions.py``  sum/mean/amax, softmax, layer_norm, rms_norm, cumsum, topk, sort
 ``embedding.py``   embedding (vocab-parallel and hidden-parallel)
 ``attention.py``   scaled_dot_product_attention (heads / batch split)
+``moe.py``         grouped matmul over stacked expert weights
 =================  ============================================================
 
 An op with no rule runs replicated (all inputs gathered first); the plan lists every such op
@@ -60,7 +61,8 @@ RULES: dict[object, RuleFn] = {}
 
 
 def register_rule(*ops) -> Callable[[RuleFn], RuleFn]:
-    """Register ``fn`` as the sharding rule of each ATen ``OpOverload`` (or overload packet)."""
+    """Register ``fn`` as the sharding rule of each ATen ``OpOverload`` (or overload packet, or
+    a custom op's ``"namespace::name"`` string, for ops that may not be loaded yet)."""
     def deco(fn: RuleFn) -> RuleFn:
         for op in ops:
             RULES[op] = fn
@@ -71,6 +73,12 @@ def register_rule(*ops) -> Callable[[RuleFn], RuleFn]:
 def find_rule(target) -> RuleFn | None:
     if target in RULES:
         return RULES[target]
+    name = target.name() if isinstance(target, torch._ops.OpOverload) else None
+    if name is not None:                  # custom ops are registered by "namespace::name"
+        if name in RULES:
+            return RULES[name]
+        if name.split(".")[0] in RULES:
+            return RULES[name.split(".")[0]]
     packet = getattr(target, "overloadpacket", None)
     if packet is not None and packet in RULES:
         return RULES[packet]
@@ -154,7 +162,7 @@ def shard_options(node: fx.Node, ctx: RuleContext) -> list[tuple[int, int]]:
 
 
 # import the rule modules so their @register_rule calls run
-from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention  # noqa: E402,F401
+from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention, moe  # noqa: E402,F401
 
 __all__ = ["Strategy", "RuleContext", "register_rule", "find_rule", "tensor_inputs", "RULES",
            "replicate_strategy", "dedupe", "shard_options", "val", "R", "P", "S"]

@@ -164,10 +164,12 @@ def _localize_split(node: fx.Node, strategy: Strategy, lctx) -> None:
     node.args = (node.args[0], size, *node.args[2:])
 
 
-@register_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
+@register_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
 def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     x, outs = val(node.args[0]), val(node)
     unbind = node.target == aten.unbind.int
+    # chunk(x, n, dim) keeps its count: local chunks shrink with the shard, no argument changes
+    hook = None if node.target == aten.chunk.default else _localize_split
     dim = (node.args[1] if unbind else (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)))
     dim = (dim if dim is not None else 0) % x.ndim
     k = len(outs)
@@ -181,7 +183,7 @@ def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
                 nd = d if (not unbind or d < dim) else d - 1
                 strategies.append(Strategy((p,), tuple(S(nd, f) for _ in outs)))
             elif not unbind and f % k == 0 and len({o.shape[dim] for o in outs}) == 1:
-                strategies.append(Strategy((p,), tuple(S(d, f // k) for _ in outs), localize=_localize_split))
+                strategies.append(Strategy((p,), tuple(S(d, f // k) for _ in outs), localize=hook))
     return dedupe(strategies)
 
 
@@ -217,4 +219,26 @@ def stack_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     for d, f in sorted(options):
         if all(ctx.shardable(val(a).shape[d], f) for a in ins):
             strategies.append(Strategy(tuple(S(d, f) for _ in ins), S(d if d < dim else d + 1, f)))
+    return dedupe(strategies)
+
+
+@register_rule(aten.index.Tensor)
+def index_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``x[i0, i1, ...]`` with index tensors on the leading dims: the indexed dims are gathered
+    (they must be whole), the trailing dims pass through; gathering is linear, so a partial
+    sum stays partial."""
+    x, indices = node.args[0], node.args[1]
+    strategies = [replicate_strategy(node)]
+    if any(i is None for i in indices):
+        return strategies
+    xv, out = val(x), val(node)
+    k = len(indices)
+    shift = out.ndim - xv.ndim                    # index dims replace the first k dims
+    n_idx = len(indices)
+    for p in ctx.candidates(x):
+        rest = tuple(R for _ in range(n_idx))
+        if p == P and xv.is_floating_point():
+            strategies.append(Strategy((P,) + rest, P))
+        elif is_shard(p) and p.dim % xv.ndim >= k:
+            strategies.append(Strategy((p,) + rest, S(p.dim % xv.ndim + shift, split_factor(p))))
     return dedupe(strategies)
