@@ -225,7 +225,18 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     redist: dict[tuple, int] = {}
     freduce: dict[fx.Node, int] = {}
 
-    def consume(t: fx.Node, need: dict, sharded_use: list[int], fixed: bool = False) -> None:
+    def canon(n: fx.Node):
+        """The representative of ``n`` under layer tying (getitems by their root's)."""
+        alias = n.meta.get("autotp", {}).get("alias_of")
+        if alias is not None:
+            return ("item", canon(alias[0]), alias[1])
+        return tied.get(n, n)
+
+    seen_edges: set = set()
+    instances: dict = {}                  # canonical tensor -> the real tensors it stands for
+    unit_cost: dict = {}                  # variable id -> cost of one instance
+
+    def consume(t: fx.Node, need: dict, sharded_use: list[int], fixed: bool = False, v=None, i=0) -> None:
         """Consumer slot needs placement p when any var in need[p] is 1 (``fixed``: need is a
         constant requirement, not variables).  Transport formulation of the edge: e[q,p] is
         "t comes as q and goes as p"; rows: sum_p e[q,p] = X[q], sum_q e[q,p] = Y[p].  Its LP
@@ -233,6 +244,12 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         info = t.meta.get("autotp", {})
         if not info.get("strategies") and "alias_of" not in info:
             return
+        ct = canon(t)
+        instances.setdefault(ct, set()).add(t)
+        edge = (ct, canon(v) if v is not None else "output", i)
+        if edge in seen_edges:            # a tied layer's copy of an edge: same rows, skip
+            return
+        seen_edges.add(edge)
         have = producer_options(t)
         nbytes = planned_bytes(t, ctx)
         is_param = t in weight_like
@@ -246,9 +263,10 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 if cost is None:
                     continue
                 e[q, p] = lp.var(integral=False)
-                key = (t, q, p)
+                key = (ct, q, p)
                 if key not in redist:
-                    redist[key] = lp.var(t=cost * 1e6, integral=False)
+                    redist[key] = lp.var(integral=False)
+                    unit_cost[redist[key]] = (ct, cost * 1e6)
                 lp.row({redist[key]: 1.0, e[q, p]: -1.0}, 0.0, np.inf)
         for q, qvars in have.items():
             row = {e[q, p]: 1.0 for p in need if (q, p) in e}
@@ -264,9 +282,10 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 row[j] = row.get(j, 0.0) - 1.0
             lp.row(row, 0.0, 0.0)
         if sharded_use and t in grad:
-            if t not in freduce:
-                freduce[t] = lp.var(t=reduce_grad_time(nbytes, world, link) * 1e6, integral=False)
-            lp.row({freduce[t]: 1.0, **{j: -1.0 for j in sharded_use}}, 0.0, np.inf)
+            if ct not in freduce:
+                freduce[ct] = lp.var(integral=False)
+                unit_cost[freduce[ct]] = (ct, reduce_grad_time(nbytes, world, link) * 1e6)
+            lp.row({freduce[ct]: 1.0, **{j: -1.0 for j in sharded_use}}, 0.0, np.inf)
 
     for v in nodes:
         if v.op == "placeholder":
@@ -279,12 +298,14 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 need.setdefault(s.inputs[i], []).append(y[v][k])
                 if s.inputs[i] == R and not s.replicated:
                     sharded.append(y[v][k])
-            consume(t, need, sharded)
+            consume(t, need, sharded, v=v, i=i)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     if not ctx.sharded_outputs:
         for t in out_node.all_input_nodes:
             if isinstance(val(t), torch.Tensor):
-                consume(t, {R: []}, [], fixed=True)      # outputs come back replicated
+                consume(t, {R: []}, [], fixed=True, i=t.name)   # outputs come back replicated
+    for j, (ct, cost) in unit_cost.items():           # every tied layer pays its own collectives
+        lp.cost_time[j] += cost * len(instances[ct])
 
     mem = np.array(lp.cost_mem)
     x1 = lp.solve(mem)

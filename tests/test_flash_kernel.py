@@ -2,7 +2,8 @@
 
 Without CUDA the kernels run under Triton's CPU interpreter; shapes are kept
 tiny and block sizes small (16/32) so that short odd-length sequences still
-cross several tiles, partial tail tiles and the causal diagonal.
+cross several tiles, partial tail tiles and the causal diagonal. With CUDA the
+same tests run on the GPU, plus larger bf16 cases (``test_cuda_bf16``).
 """
 
 import os
@@ -29,8 +30,10 @@ BF16_FWD_TOL = dict(rtol=2e-2, atol=2e-2)
 # bf16 gradients go through more rounded matmuls (dP, dS, dQ/dK/dV).
 BF16_BWD_TOL = dict(rtol=5e-2, atol=5e-2)
 
-CPU = torch.device("cpu")
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
+# The interpreter needs CPU tensors and compiled kernels need CUDA ones, so the
+# small-shape tests below run wherever the kernels run.
+DEVICE = CUDA if CUDA is not None else torch.device("cpu")
 
 
 def _make_inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, device, seed=0):
@@ -75,7 +78,7 @@ FP32_CASES = [
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("batch,heads_q,heads_kv,seqlen,head_dim,block_m,block_n", FP32_CASES)
 def test_fp32_forward_backward(batch, heads_q, heads_kv, seqlen, head_dim, block_m, block_n, causal):
-    q, k, v, dout = _make_inputs(batch, heads_q, heads_kv, seqlen, seqlen, head_dim, torch.float32, CPU)
+    q, k, v, dout = _make_inputs(batch, heads_q, heads_kv, seqlen, seqlen, head_dim, torch.float32, DEVICE)
     _check(q, k, v, dout, causal=causal, fwd_tol=FP32_TOL, bwd_tol=FP32_TOL,
            block_m=block_m, block_n=block_n)
 
@@ -84,27 +87,34 @@ def test_fp32_forward_backward(batch, heads_q, heads_kv, seqlen, head_dim, block
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(20, 45), (45, 20)])
 def test_fp32_unequal_lengths(seqlen_q, seqlen_k, causal):
     # Causal stays top-left aligned (query i sees keys j <= i), as in SDPA.
-    q, k, v, dout = _make_inputs(1, 2, 1, seqlen_q, seqlen_k, 32, torch.float32, CPU)
+    q, k, v, dout = _make_inputs(1, 2, 1, seqlen_q, seqlen_k, 32, torch.float32, DEVICE)
     _check(q, k, v, dout, causal=causal, fwd_tol=FP32_TOL, bwd_tol=FP32_TOL, block_m=16, block_n=16)
 
 
 def test_fp32_custom_scale_default_blocks():
-    q, k, v, dout = _make_inputs(1, 2, 2, 70, 70, 32, torch.float32, CPU, seed=1)
+    q, k, v, dout = _make_inputs(1, 2, 2, 70, 70, 32, torch.float32, DEVICE, seed=1)
     _check(q, k, v, dout, causal=True, fwd_tol=FP32_TOL, bwd_tol=FP32_TOL, softmax_scale=0.3)
 
 
 def test_noncontiguous_inputs():
     # (B, L, H, D) storage viewed as (B, H, L, D), the usual layout after a QKV projection.
     gen = torch.Generator().manual_seed(2)
-    q, k, v, dout = (torch.randn(1, 37, 2, 16, generator=gen).transpose(1, 2) for _ in range(4))
+    q, k, v, dout = (torch.randn(1, 37, 2, 16, generator=gen).to(DEVICE).transpose(1, 2) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     assert not q.is_contiguous()
     _check(q, k, v, dout, causal=True, fwd_tol=FP32_TOL, bwd_tol=FP32_TOL, block_m=16, block_n=16)
 
 
-def test_bf16_forward_cpu():
-    q, k, v, dout = _make_inputs(1, 4, 2, 50, 50, 64, torch.bfloat16, CPU, seed=3)
+def test_bf16_forward():
+    q, k, v, dout = _make_inputs(1, 4, 2, 50, 50, 64, torch.bfloat16, DEVICE, seed=3)
     _check(q, k, v, dout, causal=True, fwd_tol=BF16_FWD_TOL, block_m=16, block_n=32)
+
+
+def test_bf16_default_tiles():
+    # Default GPU tiles (forward 64x64, backward 64x32 at D=64) over 150 tokens:
+    # several tiles and a partial tail in every kernel.
+    q, k, v, dout = _make_inputs(1, 2, 1, 150, 150, 64, torch.bfloat16, DEVICE, seed=4)
+    _check(q, k, v, dout, causal=True, fwd_tol=BF16_FWD_TOL, bwd_tol=BF16_BWD_TOL)
 
 
 def test_rejects_bad_inputs():

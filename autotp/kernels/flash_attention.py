@@ -36,11 +36,6 @@ import triton.language as tl
 __all__ = ["FlashAttentionFunction", "triton_flash_attention", "attention_reference"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-DEFAULT_BLOCK_M = 64
-DEFAULT_BLOCK_N = 64
-# fp32 tiles take twice the shared memory; at D=128 the 64x64 backward needs
-# ~148 KB, more than consumer GPUs have, so fp32 with D=128 uses 32x32 tiles.
-_FP32_WIDE_HEAD_BLOCK = 32
 _LOG2E = 1.4426950408889634  # 1 / ln(2): converts natural-log scores to base 2
 
 
@@ -385,13 +380,25 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _launch_options(head_dim: int) -> dict:
-    # Wider heads hold larger accumulators per program; give them more warps.
-    # Not autotuned: these are reasonable Hopper/Ampere defaults.
-    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
+def _tile_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
+    """Default ``(BLOCK_M, BLOCK_N, num_warps)`` for one pass.
+
+    Not autotuned: picked offline among tiles for which ptxas reports no
+    register spills on sm_90 with bf16 at D=64 and D=128. The backward keeps
+    two fp32 (BLOCK_N, D) accumulators live, hence its narrower key tile.
+    """
+    if dtype == torch.float32:
+        # Exact fp32 dots run on FMA units with operands held in registers;
+        # small tiles keep spills low. A precision path, not a fast one.
+        return 32, 32, 8
+    if backward:
+        return 64, 32, 8
+    if head_dim <= 64:
+        return 64, 64, 4
+    return 128, 64, 8
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> None:
+def _check_inputs(q, k, v, block_m: int | None, block_n: int | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
     if k.shape != v.shape:
@@ -408,14 +415,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: in
         raise ValueError("q, k, v must be on the same device")
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         # tl.dot needs every dimension >= 16; tl.arange needs powers of two.
-        if block < 16 or block & (block - 1):
+        if block is not None and (block < 16 or block & (block - 1)):
             raise ValueError(f"{name} must be a power of two >= 16, got {block}")
 
 
-def _flash_attn_forward(q, k, v, causal, softmax_scale, block_m, block_n):
+def _flash_attn_forward(q, k, v, causal, softmax_scale, block_m=None, block_n=None):
     """Returns O (like q) and the base-2 logsumexp, fp32 (B, H_q, L_q). Inputs must be contiguous."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    default_m, default_n, num_warps = _tile_config(head_dim, q.dtype, backward=False)
+    block_m, block_n = block_m or default_m, block_n or default_n
     o = torch.empty_like(q)
     lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(seqlen_q, block_m), batch * heads_q)
@@ -427,18 +436,20 @@ def _flash_attn_forward(q, k, v, causal, softmax_scale, block_m, block_n):
         heads_q, seqlen_q, seqlen_k,
         GROUP_SIZE=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
-        **_launch_options(head_dim),
+        num_warps=num_warps, num_stages=2,
     )
     return o, lse
 
 
-def _flash_attn_backward(do, q, k, v, o, lse, causal, softmax_scale, block_m, block_n):
+def _flash_attn_backward(do, q, k, v, o, lse, causal, softmax_scale, block_m=None, block_n=None):
     """Returns dq, dk, dv in the input dtype. All tensors must be contiguous."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group_size = heads_q // heads_kv
     precision = _dot_precision(q.dtype)
-    options = _launch_options(head_dim)
+    default_m, default_n, num_warps = _tile_config(head_dim, q.dtype, backward=True)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    options = {"num_warps": num_warps, "num_stages": 2}
     q_strides = (q.stride(0), q.stride(1), q.stride(2))
     k_strides = (k.stride(0), k.stride(1), k.stride(2))
 
@@ -472,12 +483,12 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: ``apply(q, k, v, causal, softmax_scale, block_m, block_n)``.
 
     Saves q, k, v, O and the logsumexp (O(L) extra memory, not O(L^2)).
-    ``softmax_scale``, ``block_m`` and ``block_n`` must already be resolved
-    (no ``None``); use :func:`triton_flash_attention` for defaults.
+    ``softmax_scale`` must be a float; ``block_m``/``block_n`` of None pick
+    per-pass defaults. :func:`triton_flash_attention` is the friendlier entry.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, block_m: int, block_n: int):
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, block_m: int | None, block_n: int | None):
         _check_inputs(q, k, v, block_m, block_n)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse = _flash_attn_forward(q, k, v, causal, softmax_scale, block_m, block_n)
@@ -513,21 +524,17 @@ def triton_flash_attention(
         k, v: (B, H_kv, L_k, D), same dtype/device as q, ``H_q % H_kv == 0`` (GQA/MQA).
         causal: top-left aligned causal mask (query i attends to keys j <= i).
         softmax_scale: multiplier on q @ k^T; defaults to ``1 / sqrt(D)``.
-        block_m, block_n: query/key tile sizes (powers of two >= 16),
-            default 64/64 (32/32 for fp32 with D=128). Exposed mainly so
-            tests can exercise multi-tile paths with short sequences.
+        block_m, block_n: query/key tile sizes (powers of two >= 16) used by
+            every kernel; by default each pass picks its own (see
+            ``_tile_config``). Exposed mainly so tests can exercise
+            multi-tile paths with short sequences.
 
     Returns:
         (B, H_q, L_q, D) tensor in q's dtype; differentiable w.r.t. q, k and v.
     """
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    default_m, default_n = DEFAULT_BLOCK_M, DEFAULT_BLOCK_N
-    if q.dtype == torch.float32 and q.shape[-1] > 64:
-        default_m = default_n = _FP32_WIDE_HEAD_BLOCK
-    return FlashAttentionFunction.apply(
-        q, k, v, causal, float(softmax_scale), block_m or default_m, block_n or default_n,
-    )
+    return FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), block_m, block_n)
 
 
 def attention_reference(
