@@ -52,7 +52,10 @@ class Result:
 
 
 def _logits(out):
-    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+    if hasattr(logits, "full_tensor"):        # sharded_outputs=True: a DTensor in the plan's placement
+        logits = logits.full_tensor()
+    return logits
 
 
 def _loss(logits, ids):
@@ -82,7 +85,8 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
         res.placements = {n: autotp.fmt(p) for n, p in pmodel.plan.placements.items()}
         res.summary = pmodel.plan.summary()
         with CommDebugMode() as fwd:
-            logits = _logits(pmodel(ids))
+            out = pmodel(ids)
+        logits = _logits(out)
         loss = _loss(logits, ids)
         with CommDebugMode() as bwd:
             loss.backward()

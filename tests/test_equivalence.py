@@ -11,7 +11,10 @@ TOL = 1e-5      # max abs error relative to the output (or gradient) scale, fp32
 
 
 def _cases():
-    return [Case(name, HFModel(cfg)) for name, cfg in FAMILIES.items()]
+    cases = [Case(name, HFModel(cfg)) for name, cfg in FAMILIES.items()]
+    # the vocab-split logits returned as a DTensor instead of all-gathered
+    cases.append(Case("llama-sharded-logits", HFModel(FAMILIES["llama"]), kwargs={"sharded_outputs": True}))
+    return cases
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
@@ -21,7 +24,7 @@ def results(request):
     return world, per_rank
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + ["llama-sharded-logits"])
 def test_logits_and_gradients_match_one_device(results, family):
     world, per_rank = results
     for rank, res in enumerate(per_rank):
@@ -44,6 +47,14 @@ def test_weights_are_sharded(results, family):
         return
     # every weight matrix is split: these configs divide by N everywhere
     assert r.matrices and all(n in sharded for n in r.matrices), f"replicated: {set(r.matrices) - set(sharded)}"
+
+
+def test_sharded_logits_skip_the_gather(results):
+    world, per_rank = results
+    r = next(x for x in per_rank[0] if x.name == "llama-sharded-logits")
+    assert not r.error, r.error
+    if world > 1:   # only the embedding's all-gather is left in the forward
+        assert r.forward_counts.get("all_gather_into_tensor") == 1, r.forward_counts
 
 
 def test_megatron_collective_counts(results):
