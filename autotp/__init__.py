@@ -12,6 +12,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
+from autotp.checkpoint import full_state_dict, init_empty_weights, load_checkpoint
 from autotp.placement import Partial, Replicate, Shard, fmt
 from autotp.plan import Plan, make_plan
 from autotp.runtime import DEFAULT_TIMEOUT, ParallelModule, tp_mesh
@@ -19,13 +20,13 @@ from autotp.passes.context import AutoTPError
 from autotp.passes.rules import Strategy, register_rule
 
 __all__ = ["parallelize", "plan", "Plan", "ParallelModule", "AutoTPError", "register_rule", "Strategy",
-           "Shard", "Replicate", "Partial"]
+           "Shard", "Replicate", "Partial", "fmt", "init_empty_weights", "load_checkpoint", "full_state_dict"]
 __version__ = "0.1.0"
 
 
 def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, world_size: int,
          strict: bool = False, link="nvlink-h100", overrides: dict | None = None, training: bool = True,
-         sharded_outputs: bool = False) -> Plan:
+         sharded_outputs: bool = False, dump=None) -> Plan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks, in this one process.
 
     Needs no process group and no weights: a model on the meta device plans the same way.
@@ -33,13 +34,13 @@ def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None 
     ``strict`` makes an op with no sharding rule an error instead of running replicated.
     """
     return make_plan(model, example_inputs, example_kwargs, world_size=world_size, strict=strict, link=link,
-                     overrides=overrides, training=training, sharded_outputs=sharded_outputs)
+                     overrides=overrides, training=training, sharded_outputs=sharded_outputs, dump=dump)
 
 
 def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mesh=None,
                 strict: bool = False, link="nvlink-h100", overrides: dict | None = None,
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                check_plan: bool = True) -> ParallelModule:
+                check_plan: bool = True, dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
@@ -48,10 +49,13 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     The model's parameters are replaced in place by their shards.  Every rank must call this
     with the same model and example; ``check_plan`` verifies that all ranks made the same plan.
     ``timeout`` bounds every collective when autotp starts the process group itself.
+    ``dump="dir"`` (or ``AUTOTP_DUMP=dir``) writes every pass's graph as text and SVG.
     """
     mesh = tp_mesh(mesh, timeout)
+    rank0 = dist.get_rank() == 0
     p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
-                  overrides=overrides, training=True, sharded_outputs=sharded_outputs)
+                  overrides=overrides, training=True, sharded_outputs=sharded_outputs,
+                  dump=dump if rank0 else False)
     if check_plan and mesh.size() > 1:
         _check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh)

@@ -210,6 +210,22 @@ class Plan:
     def __str__(self):
         return self.summary()
 
+    # ---- seeing the plan (autotp.report, autotp.viz) ----
+    def report(self, **kwargs) -> str:
+        """The cost report: every collective's bytes (symbolic in batch and seq) and time at a
+        link, totals, per-rank memory; ``fmt="text" | "markdown" | "json"``.  See autotp.report."""
+        from autotp.report import report
+        return report(self, **kwargs)
+
+    def report_data(self, **kwargs) -> dict:
+        from autotp.report import report_data
+        return report_data(self, **kwargs)
+
+    def dump(self, out_dir, **kwargs):
+        """Every pass's graph as text and graphviz SVG, in pipeline order.  See autotp.viz."""
+        from autotp.viz import dump
+        return dump(self, out_dir, **kwargs)
+
 
 def _args_text(node: fx.Node) -> str:
     def show(a):
@@ -266,7 +282,7 @@ def _expand_overrides(overrides: dict | None, names: list[str]) -> dict[str, Pla
 def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, world_size: int,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
               sharded_outputs: bool = False, dynamic: bool = True, plan_batch: int = 4,
-              plan_seq: int = 2048) -> Plan:
+              plan_seq: int = 2048, dump=None) -> Plan:
     if world_size < 1:
         raise AutoTPError(f"world_size must be >= 1, got {world_size}")
     if not isinstance(example_inputs, (tuple, list)):
@@ -293,4 +309,12 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
     gm = captured.gm
     for p in PLAN_PASSES:
         gm = p(gm, ctx)
-    return Plan(captured, ctx, gm, dict(aliases))
+    plan = Plan(captured, ctx, gm, dict(aliases))
+    if dump is False:                        # another rank writes the dumps
+        pass
+    elif dump is not None:
+        plan.dump(dump)
+    else:
+        from autotp.viz import dump_from_env
+        dump_from_env(plan)                  # AUTOTP_DUMP=dir
+    return plan

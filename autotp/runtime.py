@@ -74,6 +74,7 @@ class ParallelModule(nn.Module):
         object.__setattr__(self, "mesh", mesh)
         group = mesh.get_group().group_name
         object.__setattr__(self, "graph_module", plan.rewritten(rank, group))
+        _retarget_meta(self.graph_module, _mesh_device(mesh))
         self._shard_parameters(model, rank, world)
         self._feeds = self._input_feeds()
 
@@ -148,8 +149,31 @@ class ParallelModule(nn.Module):
         p = node.meta.get("autotp", {}).get("placement") if isinstance(node, fx.Node) else None
         if not isinstance(t, torch.Tensor) or p is None:
             return t
-        full = node.meta["val"]
-        return DTensor.from_local(t, self.mesh, [p], run_check=False, shape=full.shape, stride=full.stride())
+        return DTensor.from_local(t, self.mesh, [p], run_check=False)   # even shards: shape inferred
+
+
+def _mesh_device(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
+    """A model built on the meta device bakes ``device=meta`` into the ops that create tensors
+    (``arange``, ``.to(x.device)``); the weights arrive later on ``device``, so do those ops."""
+    meta = torch.device("meta")
+
+    def fix(a):
+        return device if isinstance(a, torch.device) and a == meta else a
+
+    changed = False
+    for node in gm.graph.nodes:
+        args, kwargs = pytree.tree_map(fix, (node.args, node.kwargs))
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = tuple(args), kwargs
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _check_input(x, node: fx.Node):
@@ -160,7 +184,7 @@ def _check_input(x, node: fx.Node):
         if x.dtype != want.dtype:
             raise AutoTPError(f"input `{node.name}` has dtype {x.dtype}, but the plan was made for {want.dtype}; "
                               f"pass {want.dtype} or call autotp.parallelize again with an example of this dtype")
-        if x.device.type != want.device.type:
+        if x.device.type != want.device.type and want.device.type != "meta":
             raise AutoTPError(f"input `{node.name}` is on {x.device}, but the model runs on {want.device}; "
                               f"move it with .to({str(want.device)!r})")
         if not _shape_matches(x.shape, want.shape):

@@ -21,10 +21,11 @@ Constraints
 
 Objective, lexicographic
     1. memory:  minimise sum_k y[w,k] * bytes(w) / (N if k shards w else 1) over weight
-       matrices w (parameters with >= 2 dims; vectors such as norm scales are O(d) and free)
+       matrices w (parameters with >= 2 dims and >= 1/10 of the median matrix)
     2. time:    minimise sum r[t,q,p] * T(q->p, t) + sum z[t] * T_allreduce(t) + eps * (#sharded ops)
-       with memory held within 1% of its optimum (``MEMORY_SLACK``): a tiny weight such as a
-       MoE router may stay replicated when splitting it would cost a collective per layer.  T is ``autotp.cost`` at the chosen link: forward
+       with memory held at its optimum.  Only "large" weights count in 1 (``large_weights``):
+       a small matrix such as a MoE router may stay replicated when splitting it would cost a
+       collective per layer.  T is ``autotp.cost`` at the chosen link: forward
        collectives plus, when training, the backward ones (the transposes).
 
 On a dense decoder layer the optimum is Megatron's: column-parallel q/k/v and gate/up
@@ -48,7 +49,7 @@ from autotp.passes.rules import tensor_inputs, val
 from autotp.placement import R, is_shard, split_factor
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
-MEMORY_SLACK = 0.01  # phase 2 may spend 1% more weight memory to save communication (a router)
+SMALL_WEIGHT = 0.1   # matrices under this fraction of the median matrix are not memory-critical
 
 
 class _ILP:
@@ -180,6 +181,18 @@ def tie_repeated_layers(nodes: list[fx.Node], ctx: PassContext) -> dict[fx.Node,
     return tied
 
 
+def large_weights(nodes: list[fx.Node], ctx: PassContext) -> set[fx.Node]:
+    """The weights whose memory the plan minimises first: matrices (>= 2 dims) of at least a
+    tenth of the median matrix size.  Vectors (norm scales, biases) and small matrices (a MoE
+    router, E x d) are O(d) next to the rest and may stay replicated when that saves a collective."""
+    mats = [n for n in nodes if n.op == "placeholder" and n.name in ctx.params and val(n).ndim >= 2]
+    if not mats:
+        return set()
+    sizes = sorted(_bytes(val(n)) for n in mats)
+    median = sizes[len(sizes) // 2]
+    return {n for n in mats if _bytes(val(n)) >= SMALL_WEIGHT * median}
+
+
 def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     t0 = time.perf_counter()
     lp = _ILP()
@@ -189,10 +202,11 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     y: dict[fx.Node, list[int]] = {}
     nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
     tied = tie_repeated_layers(nodes, ctx)
+    large = large_weights(nodes, ctx)
     for n in nodes:
         strategies = n.meta["autotp"]["strategies"]
         v = val(n)
-        is_weight = n.op == "placeholder" and n.name in ctx.params and v.ndim >= 2
+        is_weight = n in large
         rep = tied.get(n)
         ids = y[rep] if rep is not None else []
         for k, s in enumerate(strategies):
@@ -311,7 +325,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     x1 = lp.solve(mem)
     best_mem = float(mem @ x1)
     tcost = np.array(lp.cost_time)
-    keep = LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + MEMORY_SLACK) + 0.5)
+    keep = LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)
     x = lp.solve(tcost, keep)
     for n in gm.graph.nodes:
         n.meta.setdefault("autotp", {})["grad"] = n in grad or not ctx.training

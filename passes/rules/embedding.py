@@ -14,6 +14,7 @@ aten = torch.ops.aten
 def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, rank: int) -> torch.Tensor:
     """Lookup in this rank's rows [rank*V/N, (rank+1)*V/N); other ids give zeros (Partial)."""
     rows = weight.shape[0]
+    ids = ids.to(weight.device)          # a no-op at run time; keeps meta-device planning consistent
     local = ids - rank * rows
     outside = (local < 0) | (local >= rows)
     out = torch.nn.functional.embedding(local.masked_fill(outside, 0), weight)

@@ -1,0 +1,185 @@
+"""Weights at real sizes: start on the meta device, load each rank's slices, gather for saving.
+
+    with autotp.init_empty_weights():            # parameters on meta, buffers real
+        model = AutoModelForCausalLM.from_config(cfg)
+    pmodel = autotp.parallelize(model, (ids,))
+    autotp.load_checkpoint(pmodel, "ckpt_dir")    # each rank reads only its own slices
+
+A 70B model never exists whole on one rank: ``load_checkpoint`` opens Hugging Face safetensors
+files (one file, or shards listed in ``model.safetensors.index.json``) and reads, for every
+parameter, exactly the rows/columns its placement gives this rank (``safe_open.get_slice``).
+Everything is checked before anything is loaded — names, shapes, dtypes — so a bad
+checkpoint fails with one error listing every problem, and nothing is half-loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from autotp.passes.context import AutoTPError
+from autotp.placement import R, is_shard, split_factor
+
+__all__ = ["init_empty_weights", "load_checkpoint", "full_state_dict", "LoadReport"]
+
+
+@contextlib.contextmanager
+def init_empty_weights():
+    """Create modules with parameters on the meta device (no memory) and buffers as usual
+    (rotary tables and other non-persistent buffers are computed at init and not in checkpoints)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        p = self._parameters[name]
+        if p is not None and p.device.type != "meta":    # tying re-registers a meta parameter: keep it
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+@dataclasses.dataclass
+class LoadReport:
+    loaded: list[str]            # parameter names loaded
+    bytes_read: int              # bytes this rank read from disk
+    files: list[str]             # files opened
+    unused: list[str]            # checkpoint tensors no parameter asked for
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """Tensor name -> file, for a .safetensors file, an index .json, or a directory of either."""
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            path = index
+        elif (path / "model.safetensors").exists():
+            path = path / "model.safetensors"
+        else:
+            raise AutoTPError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+    if path.suffix == ".json":
+        try:
+            mapping = json.loads(path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise AutoTPError(f"cannot read the checkpoint index {path}: {e}") from e
+        return {name: path.parent / f for name, f in mapping.items()}
+    if path.suffix != ".safetensors":
+        raise AutoTPError(f"{path}: autotp loads safetensors checkpoints only (no pickle); convert with "
+                          f"safetensors.torch.save_file")
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: path for name in f.keys()}
+    except Exception as e:  # noqa: BLE001 — a truncated or corrupt file
+        raise AutoTPError(f"cannot open {path} as safetensors ({type(e).__name__}: {e}); the file is truncated "
+                          f"or corrupt — nothing was loaded") from e
+
+
+def _slices(shape, placement, rank: int, world: int) -> list[tuple]:
+    """Index tuples (one per block) that select this rank's piece of a tensor of ``shape``."""
+    full = [slice(None)] * len(shape)
+    if not is_shard(placement):
+        return [tuple(full)]
+    d, f = placement.dim, split_factor(placement)
+    block = shape[d] // f
+    piece = block // world
+    out = []
+    for b in range(f):
+        idx = list(full)
+        idx[d] = slice(b * block + rank * piece, b * block + (rank + 1) * piece)
+        out.append(tuple(idx))
+    return out
+
+
+def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None) -> LoadReport:
+    """Load a Hugging Face safetensors checkpoint into a parallelised model, reading only this
+    rank's slices.  Tied parameters may be stored under any one of their names."""
+    from safetensors import safe_open
+    path = Path(path)
+    where = _weight_map(path)
+    mesh = pmodel.mesh
+    rank, world = mesh.get_local_rank(), mesh.size()
+    placements = pmodel.plan.placements
+    aliases = pmodel.plan.aliases
+    params = dict(pmodel.named_parameters())
+    # ---- check everything first ----
+    plan, problems, used = {}, [], set()
+    for name, param in params.items():
+        stored = next((n for n in aliases.get(name, [name]) if n in where), None)
+        if stored is None:
+            problems.append(f"missing: {name} (shape {list(param.shape)})")
+            continue
+        plan[name] = stored
+        used.add(stored)
+    headers = {}
+    for file in sorted({where[s] for s in plan.values()}):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    headers[key] = (list(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # noqa: BLE001
+            raise AutoTPError(f"cannot read {file} ({type(e).__name__}: {e}); the file is truncated or corrupt "
+                              f"— nothing was loaded") from e
+    _dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    for name, stored in plan.items():
+        shape, dtype = headers.get(stored, (None, None))
+        want = params[name]
+        if shape is None:
+            problems.append(f"missing: {stored} is listed in the index but not in {where[stored].name}")
+        elif shape != list(want.shape):
+            problems.append(f"shape: {stored} is {shape} in the checkpoint, the model wants {list(want.shape)}")
+        elif _dtypes.get(dtype) != want.dtype and not allow_dtype_cast:
+            problems.append(f"dtype: {stored} is {dtype} in the checkpoint, the model is {want.dtype} "
+                            f"(pass allow_dtype_cast=True to convert)")
+    if problems:
+        raise AutoTPError(f"checkpoint {path} does not fit the model ({len(problems)} problem(s)); nothing was "
+                          f"loaded:\n  " + "\n  ".join(problems))
+    # ---- then load, each rank its own slices ----
+    read, files = 0, set()
+    new_params: dict[str, nn.Parameter] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, stored in plan.items():
+        by_file.setdefault(where[stored], []).append(name)
+    for file, names in by_file.items():
+        files.add(str(file))
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                param = params[name]
+                placement = placements.get(name, R)
+                sl = f.get_slice(plan[name])
+                pieces = [sl[idx] for idx in _slices(list(param.shape), placement, rank, world)]
+                local = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=placement.dim)
+                read += local.numel() * local.element_size()
+                target_device = device or (param.device if param.device.type != "meta" else "cpu")
+                local = local.to(device=target_device, dtype=param.dtype).contiguous()
+                dt = DTensor.from_local(local, mesh, [placement], run_check=False, shape=param.shape,
+                                        stride=param.stride())
+                new_params[name] = nn.Parameter(dt, requires_grad=param.requires_grad)
+    for name, p in new_params.items():
+        for alias in aliases.get(name, [name]):
+            module_name, _, attr = alias.rpartition(".")
+            owner = pmodel.get_submodule(module_name) if module_name else pmodel
+            setattr(owner, attr, p)
+    return LoadReport(sorted(new_params), read, sorted(files), sorted(set(where) - used))
+
+
+def full_state_dict(pmodel, *, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer gathered to full plain tensors, under the original
+    names (tied weights under each name), ready for ``model.load_state_dict`` or
+    ``save_pretrained``.  A collective: call it on every rank."""
+    out = {}
+    for name, value in pmodel.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        out[name] = value.detach().cpu() if to_cpu else value.detach()
+    return out
