@@ -136,7 +136,7 @@ def verify(cases: list[Case], world_size: int, timeout_s: float = 120.0) -> list
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         mp.start_processes(_worker, args=(world_size, store, tmp, cases, timeout_s), nprocs=world_size,
-                           join=True, start_method="spawn")
+                           join=True, start_method=os.environ.get("AUTOTP_START_METHOD", "fork"))
         out = []
         for r in range(world_size):
             with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
