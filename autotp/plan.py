@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from autotp import comm
 from autotp.capture import Captured, capture
-from autotp.placement import R, P, Placement, fmt, is_shard, local_shape
+from autotp.placement import R, P, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
 from autotp.passes.context import AutoTPError, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
@@ -209,6 +209,60 @@ class Plan:
 
     def __str__(self):
         return self.summary()
+
+    # ---- the plan as data ----
+    def to_dict(self) -> dict:
+        """Per parameter: placement and role, and why (the collectives next to it); per collective:
+        where it sits and why.  JSON-serialisable; ``save`` writes it."""
+        by_module: dict[str, list[str]] = collections.defaultdict(list)
+        colls = self.collectives()
+        for c in colls:
+            by_module[c.module].append(f"{c.kind} ({c.forward or '-'} fwd / {c.backward or '-'} bwd)")
+        roles = self.roles()
+        params = {}
+        for name, p in self.placements.items():
+            module = name.rpartition(".")[0]
+            params[name] = {"placement": fmt(p), "role": roles.get(name, ""),
+                            "collectives_here": by_module.get(module, [])}
+        return {"world_size": self.world, "fingerprint": self.fingerprint(), "parameters": params,
+                "collectives": [{"node": c.node, "kind": c.kind, "forward": c.forward, "backward": c.backward,
+                                 "shape": [str(x) for x in c.sym_shape], "bytes": str(c.sym_bytes),
+                                 "module": c.module, "source": c.source, "reason": c.reason} for c in colls],
+                "notes": self.notes}
+
+    def save(self, path) -> None:
+        import json
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    def to_tp_plan(self, style: str = "hf") -> tuple[dict, list[str]]:
+        """The plan in the hand-written form, where it fits: ``style="hf"`` gives a Hugging Face
+        ``tp_plan`` ({module: "colwise" | "rowwise"}), ``style="dtensor"`` a dict for
+        ``torch.distributed.tensor.parallel.parallelize_module`` (ColwiseParallel/RowwiseParallel).
+        Returns (plan, what it cannot express) — strided (fused) shards, hidden-split embeddings
+        and non-module weights are listed rather than guessed."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        out, missing = {}, []
+        roles = self.roles()
+        for name, p in self.placements.items():
+            module, _, attr = name.rpartition(".")
+            role = roles.get(name, "")
+            if attr != "weight" or role == "replicated" or role.startswith("sharded"):
+                if role != "replicated" and attr == "weight":
+                    missing.append(f"{name}: {fmt(p)} ({role})")
+                continue
+            if split_factor(p) > 1:
+                missing.append(f"{name}: {fmt(p)} is a per-block (fused) split; tp_plan styles cannot say it")
+                continue
+            kind = {"column-parallel": "colwise", "row-parallel": "rowwise", "vocab-parallel": "rowwise"}.get(role)
+            if kind is None:
+                missing.append(f"{name}: {fmt(p)} ({role})")
+                continue
+            if role == "column-parallel" and p.dim != 0:
+                missing.append(f"{name}: {fmt(p)} column split of a non-(out, in) weight (e.g. Conv1D)")
+                continue
+            out[module] = kind if style == "hf" else (ColwiseParallel() if kind == "colwise" else RowwiseParallel())
+        return out, missing
 
     # ---- seeing the plan (autotp.report, autotp.viz) ----
     def report(self, **kwargs) -> str:

@@ -75,7 +75,17 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             outs |= set(s.output) if isinstance(s.output, tuple) else {s.output}
         candidates[node] = {p for p in outs if p is not None}
     _report_unknown(unknown, ctx)
+    _report_dropout(gm, ctx)
     return gm
+
+
+def _report_dropout(gm: fx.GraphModule, ctx: PassContext) -> None:
+    drops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.dropout.default
+             and len(n.args) > 2 and n.args[1] > 0 and n.args[2]]
+    if drops:
+        ctx.note(f"{len(drops)} dropout op(s) with p>0 were captured in training mode (first `{drops[0].name}`, "
+                 f"p={drops[0].args[1]}): their masks differ from one device's; for exact equivalence "
+                 f"call model.eval() or set the dropout probabilities to 0 before parallelize")
 
 
 def _report_unknown(unknown: dict[str, list[fx.Node]], ctx: PassContext) -> None:

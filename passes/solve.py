@@ -109,7 +109,7 @@ def planned_bytes(node: fx.Node, ctx: PassContext) -> float:
     return float(n * v.element_size())
 
 
-_WEIGHT_VIEWS = {"aten.transpose.int", "aten.t.default", "aten.view.default", "aten.reshape.default",
+_WEIGHT_VIEWS = {"aten.transpose.int", "aten.t.default", "aten.numpy_T.default", "aten.view.default", "aten.reshape.default",
                  "aten.permute.default", "aten.to.dtype", "aten._to_copy.default", "aten.alias.default",
                  "aten.contiguous.default", "aten.clone.default", "aten.detach.default", "aten.unsqueeze.default",
                  "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
@@ -338,6 +338,10 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         alias = n.meta.get("autotp", {}).get("alias_of")
         if alias is not None and "strategy" in alias[0].meta.get("autotp", {}):
             n.meta["autotp"]["placement"] = alias[0].meta["autotp"]["strategy"].output[alias[1]]
+    for n in sorted(large, key=lambda n: n.name):
+        if n.meta["autotp"]["placement"] == R and n not in tied:
+            ctx.note(f"{ctx.params[n.name]} {list(val(n).shape)} stays replicated: no split of it by {world} "
+                     f"keeps its consumers local (sizes do not divide, or an op on it has no sharding rule)")
     ctx.solver_stats = {"variables": len(lp.cost_mem), "constraints": lp.nrows,
                         "weight_bytes_per_rank": best_mem, "comm_time_us": float(tcost @ x),
                         "seconds": time.perf_counter() - t0}

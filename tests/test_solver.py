@@ -80,3 +80,20 @@ def test_overrides_pin_a_placement():
 def test_same_plan_every_time():
     a, b = _plan("llama", 4), _plan("llama", 4)
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_plan_as_data(tmp_path):
+    import json
+    plan = _plan("llama", 2)
+    data = plan.to_dict()
+    q = data["parameters"]["model.layers.0.self_attn.q_proj.weight"]
+    assert q["placement"] == "S(0)" and q["role"] == "column-parallel"
+    assert any(c["kind"] == "all_reduce" and c["module"].endswith("o_proj") and c["bytes"] == "256*batch*seq"
+               for c in data["collectives"])
+    plan.save(tmp_path / "plan.json")
+    assert json.loads((tmp_path / "plan.json").read_text())["fingerprint"] == plan.fingerprint()
+    hf, missing = plan.to_tp_plan()
+    assert hf["model.layers.1.self_attn.q_proj"] == "colwise" and hf["model.layers.1.mlp.down_proj"] == "rowwise"
+    assert any("embed_tokens" in m for m in missing)          # hidden-split embedding: no tp_plan word for it
+    gpt2, missing = _plan("gpt2", 2).to_tp_plan()
+    assert any("c_attn" in m and "fused" in m for m in missing)

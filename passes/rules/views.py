@@ -121,6 +121,12 @@ def t_rule(node, ctx):
     return _remap(node.args[0], ctx, node, lambda d: 1 - d if val(node.args[0]).ndim == 2 else d)
 
 
+@register_rule(aten.numpy_T.default)
+def numpy_t_rule(node, ctx):
+    nd = val(node.args[0]).ndim
+    return _remap(node.args[0], ctx, node, lambda d: nd - 1 - d)
+
+
 @register_rule(aten.permute.default)
 def permute_rule(node, ctx):
     x = val(node.args[0])

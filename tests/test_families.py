@@ -1,0 +1,37 @@
+"""Families no rule was written for: the plan comes from the graph, and it is exact.
+
+Each brings something the public test set does not: Falcon (multi-query fused qkv, parallel
+attention + MLP, ``x @ W.T``), Phi-3 (fused qkv and gate_up), GPT-NeoX (per-head interleaved
+fused qkv, partial rotary), Bloom (ALiBi), Gemma-3 (q/k norms, sliding window), MPT, OPT
+(offset positions), GPT-BigCode (multi-query, unequal qkv split), OLMoE and Qwen3-MoE.
+"""
+from autotp.verify import Case, HFModel, verify
+
+TOL = 1e-5
+BASE = dict(pad_token_id=0, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = {
+    "falcon": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "phi3": dict(BASE),
+    "gpt_neox": dict(BASE),
+    "bloom": dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4),
+    "gemma3_text": dict(BASE, head_dim=16),
+    "mpt": dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4),
+    "opt": dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=64, pad_token_id=0, dropout=0.0, attention_dropout=0.0),
+    "gpt_bigcode": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0),
+    "olmoe": dict(BASE, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+}
+
+
+def test_unseen_families_match_one_device_at_two_ranks():
+    per_rank = verify([Case(n, HFModel(dict(model_type=n, **c))) for n, c in FAMILIES.items()], 2, timeout_s=300)
+    bad = []
+    for rank, res in enumerate(per_rank):
+        for r in res:
+            if r.error or r.logits_err > TOL or r.grad_err > TOL or r.other_shape_err > TOL:
+                bad.append(f"{r.name} rank {rank}: logits {r.logits_err:.1e} grad {r.grad_err:.1e} "
+                           f"({r.worst_grad}) {r.error.strip().splitlines()[-1] if r.error else ''}")
+    assert not bad, "\n".join(bad)
