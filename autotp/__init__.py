@@ -40,7 +40,7 @@ def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None 
 def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mesh=None,
                 strict: bool = False, link="nvlink-h100", overrides: dict | None = None,
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                check_plan: bool = True, dump=None) -> ParallelModule:
+                check_plan: bool = True, check_inputs: bool = False, dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
@@ -50,6 +50,7 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     with the same model and example; ``check_plan`` verifies that all ranks made the same plan.
     ``timeout`` bounds every collective when autotp starts the process group itself.
     ``dump="dir"`` (or ``AUTOTP_DUMP=dir``) writes every pass's graph as text and SVG.
+    ``check_inputs=True`` (debug) checks on every call that all ranks pass the same inputs.
     """
     mesh = tp_mesh(mesh, timeout)
     rank0 = dist.get_rank() == 0
@@ -58,7 +59,7 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                   dump=dump if rank0 else False)
     if check_plan and mesh.size() > 1:
         _check_same_plan(p, mesh)
-    return ParallelModule(model, p, mesh)
+    return ParallelModule(model, p, mesh, check_inputs=check_inputs)
 
 
 def _check_same_plan(p: Plan, mesh) -> None:

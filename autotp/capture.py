@@ -79,6 +79,18 @@ def dynamic_spec(args: tuple, kwargs: dict, names: list[str]):
     return {names[i]: spec(a) for i, a in enumerate(args)} | {k: spec(v) for k, v in kwargs.items()}
 
 
+def _widen(x):
+    """Repeat a size-1 batch or sequence dim of a tensor input to 2 (tracing only)."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_widen(v) for v in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    for d in range(min(x.ndim, 2)):
+        if x.shape[d] == 1:
+            x = torch.cat([x, x], dim=d)
+    return x
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             dynamic: bool = True) -> Captured:
     kwargs = dict(kwargs or {})
@@ -91,6 +103,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         pass
     dynamic_shapes = None
     if dynamic:
+        # export fixes any example dim of size 1; trace batch and sequence at >= 2 so they stay symbolic
+        args, kwargs = _widen(tuple(args)), {k: _widen(v) for k, v in kwargs.items()}
         try:
             names = [p for p in inspect.signature(forward).parameters][: len(args)]
             dynamic_shapes = dynamic_spec(tuple(args), kwargs, names)

@@ -156,9 +156,13 @@ class Plan:
 
     def fingerprint(self) -> str:
         """Hash of the plan's decisions; every rank must compute the same one."""
-        text = "\n".join(f"{k}={fmt(v)}" for k, v in sorted(self.placements.items()))
-        text += "\n" + "\n".join(f"{n.name}:{fmt(n.meta.get('autotp', {}).get('placement'))}"
-                                 for n in self.gm.graph.nodes)
+        text = f"world={self.world}\n"
+        text += "\n".join(f"{k}={fmt(v)}" for k, v in sorted(self.placements.items()))
+        for n in self.gm.graph.nodes:
+            v = val(n)
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+            dtype = v.dtype if isinstance(v, torch.Tensor) else None
+            text += f"\n{n.name}:{n.target}:{shape}:{dtype}:{fmt(n.meta.get('autotp', {}).get('placement'))}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # ---- text ----

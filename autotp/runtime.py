@@ -60,8 +60,9 @@ def tp_mesh(mesh: DeviceMesh | None, timeout=DEFAULT_TIMEOUT) -> DeviceMesh:
 class ParallelModule(nn.Module):
     """A model parallelised by autotp.  Call it like the original model."""
 
-    def __init__(self, model: nn.Module, plan: Plan, mesh: DeviceMesh):
+    def __init__(self, model: nn.Module, plan: Plan, mesh: DeviceMesh, check_inputs: bool = False):
         super().__init__()
+        self.check_inputs = check_inputs      # debug: all ranks must pass identical inputs
         self.config = getattr(model, "config", None)
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -110,7 +111,15 @@ class ParallelModule(nn.Module):
 
     def _flat_user_inputs(self, args, kwargs) -> list:
         cap = self.plan.captured
-        merged = {**cap.example_kwargs, **kwargs}
+        # only plain values given at capture (use_cache=False) act as defaults; a tensor keyword
+        # of the example (a mask) must be passed again, never silently reused
+        defaults = {k: v for k, v in cap.example_kwargs.items() if not isinstance(v, torch.Tensor)}
+        missing = [k for k, v in cap.example_kwargs.items() if isinstance(v, torch.Tensor) and k not in kwargs]
+        if missing:
+            raise AutoTPError(f"keyword argument(s) {missing} were in the example the plan was made from but are "
+                              f"missing; pass them (e.g. attention_mask=torch.ones_like(input_ids) for no padding) "
+                              f"or plan without them")
+        merged = {**defaults, **kwargs}
         kw_spec = cap.in_spec.child(1)
         keys = list(kw_spec.context) if kw_spec.context else []
         extra = set(merged) - set(keys)
@@ -125,6 +134,9 @@ class ParallelModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         flat = self._flat_user_inputs(args, kwargs)
+        if self.check_inputs:
+            self._check_same_inputs(flat)
+        sizes: dict = {}                      # size symbol -> the value this call binds it to
         inputs = []
         for feed in self._feeds:
             kind = feed[0]
@@ -135,11 +147,34 @@ class ParallelModule(nn.Module):
             elif kind == "const":
                 inputs.append(feed[1])
             else:
-                inputs.append(_check_input(flat[feed[1]], feed[2]))
+                inputs.append(_check_input(flat[feed[1]], feed[2], sizes))
         outs = self.graph_module(*inputs)
         if self.plan.ctx.sharded_outputs:
             outs = [self._as_dtensor(o, n) for o, n in zip(outs, self._output_nodes())]
         return pytree.tree_unflatten(list(outs), self.plan.captured.out_spec)
+
+    def _check_same_inputs(self, flat: list) -> None:
+        """Debug mode: every rank must pass the same inputs (one small all-gather per call)."""
+        import hashlib
+        mine = []
+        for x in flat:
+            if isinstance(x, torch.Tensor):
+                digest = hashlib.sha1(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                mine.append((tuple(x.shape), str(x.dtype), digest[:12]))
+            else:
+                mine.append(repr(x))
+        seen = [None] * self.mesh.size()
+        dist.all_gather_object(seen, mine, group=self.mesh.get_group())
+        if any(s != seen[0] for s in seen):
+            names = self.plan.captured.user_inputs
+            for i, name in enumerate(names):
+                values = [s[i] if i < len(s) else None for s in seen]
+                if any(v != values[0] for v in values):
+                    by_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                    raise AutoTPError(f"ranks passed different inputs: `{name}` differs ({by_rank}); every rank of "
+                                      f"the tensor-parallel group must pass the same inputs (split the batch over a "
+                                      f"data-parallel mesh dim, not 'tp')")
+            raise AutoTPError("ranks passed different inputs")
 
     def _output_nodes(self):
         out = next(n for n in self.graph_module.graph.nodes if n.op == "output")
@@ -176,7 +211,7 @@ def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
         gm.recompile()
 
 
-def _check_input(x, node: fx.Node):
+def _check_input(x, node: fx.Node, sizes: dict):
     want = node.meta.get("val")
     if isinstance(want, torch.Tensor):
         if not isinstance(x, torch.Tensor):
@@ -189,13 +224,24 @@ def _check_input(x, node: fx.Node):
                               f"move it with .to({str(want.device)!r})")
         if not _shape_matches(x.shape, want.shape):
             raise AutoTPError(f"input `{node.name}` has shape {list(x.shape)}, but the plan was made for "
-                              f"{list(want.shape)}; pass inputs of that shape, or call autotp.parallelize with "
-                              f"dynamic=True (batch and sequence dims symbolic) or with an example of this shape")
+                              f"{_shape_names(want.shape)}; pass inputs of that shape, or call autotp.parallelize "
+                              f"again with an example of this shape")
+        for got, size in zip(x.shape, want.shape):
+            if isinstance(size, torch.SymInt):
+                key = str(size.node.expr)
+                first = sizes.setdefault(key, (got, node.name))
+                if first[0] != got:
+                    raise AutoTPError(f"input `{node.name}` has {got} where input `{first[1]}` has {first[0]}: "
+                                      f"the model needs them equal (the same batch or sequence dim)")
         return x
     if x != want:
         raise AutoTPError(f"input `{node.name}` is {x!r}, but the plan was made with {want!r}; it is baked into "
                           f"the captured graph — call autotp.parallelize again with this value")
     return x
+
+
+def _shape_names(shape) -> list:
+    return [s if isinstance(s, int) else ("batch" if i == 0 else "seq" if i == 1 else str(s)) for i, s in enumerate(shape)]
 
 
 def _shape_matches(got, want) -> bool:

@@ -103,7 +103,7 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             ref = ref_grads[name]
             err = (g - ref).abs().max().item() / max(ref.abs().max().item(), floor)
-            if err > worst:
+            if not err <= worst:                      # NaN counts as the worst
                 worst, worst_name = err, name
         missing = [n for n in ref_grads if n not in dict(pmodel.named_parameters())]
         if missing:
@@ -115,7 +115,7 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
                 want = _logits(reference(other))
                 got = _logits(pmodel(other))
             err = (got - want).abs().max().item() / want.abs().max().item()
-            res.other_shape_err = max(res.other_shape_err, err)
+            res.other_shape_err = err if not err <= res.other_shape_err else res.other_shape_err
     except Exception:  # noqa: BLE001 — reported to the parent process
         res.error = traceback.format_exc()
     return res
