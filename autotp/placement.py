@@ -15,11 +15,30 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
-__all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "shard_dim", "split_factor",
+__all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "D", "DisjointPartial", "shard_dim", "split_factor",
            "is_shard", "fmt", "local_shape", "local_chunk", "normalize"]
 
 R = Replicate()
 P = Partial()
+
+
+class DisjointPartial:
+    """``D``: a partial sum whose terms never overlap — every element is nonzero on at most one
+    rank (the rows of the experts a rank owns under expert parallelism).  Summing over ranks
+    gives the true value, like ``Partial``; unlike it, ops with f(0) = 0 (silu, mul, views,
+    row gathers) may run on it locally.  Activations only, never a parameter."""
+
+    def __eq__(self, other):
+        return isinstance(other, DisjointPartial)
+
+    def __hash__(self):
+        return hash("DisjointPartial")
+
+    def __repr__(self):
+        return "DisjointPartial()"
+
+
+D = DisjointPartial()
 
 
 def S(dim: int, factor: int = 1) -> Placement:
@@ -56,6 +75,8 @@ def fmt(p: Placement | tuple | None) -> str:
         return "R"
     if isinstance(p, Partial):
         return "P"
+    if isinstance(p, DisjointPartial):
+        return "D"
     f = split_factor(p)
     return f"S({p.dim})" + (f"x{f}" if f > 1 else "")
 

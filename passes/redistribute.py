@@ -10,7 +10,7 @@ import dataclasses
 
 from autotp import comm
 from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
-from autotp.placement import P, R, Placement, is_shard, split_factor
+from autotp.placement import D, P, R, Placement, is_shard, split_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +24,11 @@ class Step:
 def steps(src: Placement, dst: Placement) -> list[Step] | None:
     if src == dst:
         return []
-    if dst == P:
+    if src == D and dst == P:
+        return []                     # a disjoint partial sum is a partial sum as it stands
+    if dst in (P, D):
         return None
-    if src == P:
+    if src in (P, D):
         if dst == R:
             return [Step(comm.all_reduce, (), ALL_REDUCE, None)]
         return [Step(comm.reduce_scatter, (dst.dim, split_factor(dst)), REDUCE_SCATTER, ALL_GATHER)]

@@ -1,8 +1,9 @@
 """Mixture-of-experts models: Mixtral and Qwen2-MoE (shared + routed experts), unmodified.
 
 The experts are captured as stacked 3-D weights and ``transformers::grouped_mm_fallback``;
-the plan splits every expert's matrices Megatron-style (tensor parallelism inside the
-experts) from the grouped-matmul rule, with no per-model code.
+from the grouped-matmul rule the plan puts E/N whole experts on each rank (expert
+parallelism; the alternative, tensor parallelism inside each expert, costs the same bytes),
+with no per-model code.
 """
 import collections
 
@@ -37,14 +38,16 @@ def test_moe_matches_one_device(results, family):
         assert experts and all(p != "R" for p in experts.values()), experts
 
 
-def test_mixtral_megatron_counts_per_layer():
+def test_mixtral_expert_parallel_counts_per_layer():
     torch.manual_seed(0)
     plan = autotp.plan(build_any("mixtral"), (torch.randint(0, 128, (2, 8)),), world_size=2)
     per_layer = plan.counts()["per_layer_forward"]
-    # attention output + expert output: one all-reduce each, per layer
+    # attention output + the experts' combine: one all-reduce each, per layer
     assert per_layer[0] == collections.Counter(all_reduce=2) == per_layer[1]
-    assert autotp.fmt(plan.placements["model.layers.0.mlp.experts.gate_up_proj"]) == "S(1)x2"  # gate|up fused
-    assert autotp.fmt(plan.placements["model.layers.0.mlp.experts.down_proj"]) == "S(2)"
+    # expert parallelism: E/N whole experts per rank (the stacked weights split on E)
+    assert autotp.fmt(plan.placements["model.layers.0.mlp.experts.gate_up_proj"]) == "S(0)"
+    assert autotp.fmt(plan.placements["model.layers.0.mlp.experts.down_proj"]) == "S(0)"
+    assert autotp.fmt(plan.placements["model.layers.0.mlp.gate.weight"]) == "R"           # the small router
 
 
 class SkewedMixtral:

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import P, R, S, Placement, can_shard, is_shard, shard_dim, split_factor
+from autotp.placement import D, P, R, S, Placement, can_shard, is_shard, shard_dim, split_factor
 
 aten = torch.ops.aten
 
@@ -129,6 +129,8 @@ def placement_key(p) -> tuple:
         return (0, 0, 0)
     if p == P:
         return (1, 0, 0)
+    if p == D:
+        return (1, 1, 0)
     return (2, p.dim, split_factor(p))
 
 
@@ -165,4 +167,4 @@ def shard_options(node: fx.Node, ctx: RuleContext) -> list[tuple[int, int]]:
 from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention, moe  # noqa: E402,F401
 
 __all__ = ["Strategy", "RuleContext", "register_rule", "find_rule", "tensor_inputs", "RULES",
-           "replicate_strategy", "dedupe", "shard_options", "val", "R", "P", "S"]
+           "replicate_strategy", "dedupe", "shard_options", "val", "R", "P", "S", "D"]

@@ -5,6 +5,13 @@
 expert it is a plain matmul ``"mk,ekn->mn"``, so the Megatron splits apply per expert
 (tensor parallelism inside each expert): split ``N`` (column) or ``K`` (row, partial sum).
 
+Expert parallelism is the other strategy: split the stacked weights on ``E`` (``S(0)``), so a
+rank holds E/N whole experts.  Inside a tensor-parallel group every rank already has every token,
+so no dispatch is needed: each rank runs the rows of its experts and leaves the others zero,
+a *disjoint* partial sum (``D``) that silu, the gate product, the routing-weight product and
+the un-permuting gather keep; the sum over the top-k then makes it an ordinary partial sum, and
+one all-reduce of (tokens, d_model) combines — the bytes of one dense MLP's all-reduce.
+
 The routing around it (softmax, top-k, sort, histc, cumsum, index) is ordinary ATen and
 stays replicated on the few bytes of router logits.
 """
@@ -14,9 +21,53 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
-from autotp.placement import P, R, S, is_shard, split_factor
+from autotp.placement import D, P, R, S, is_shard, split_factor
 
 aten = torch.ops.aten
+
+
+def expert_parallel_grouped_mm(x: torch.Tensor, w_local: torch.Tensor, offs: torch.Tensor, rank: int,
+                               world: int, op) -> torch.Tensor:
+    """This rank's experts only: rows of x are sorted by expert and ``offs`` ends each expert's
+    block; rank r owns experts [r*E/N, (r+1)*E/N), i.e. one contiguous block of rows.  Other
+    rows come out zero, so the result is a disjoint partial sum (``D``) over ranks."""
+    n_experts = offs.shape[0]
+    per_rank = n_experts // world
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    start = int(offs[lo - 1]) if lo > 0 else 0
+    end = int(offs[hi - 1])
+    local_offs = (offs[lo:hi] - start).to(offs.dtype)
+    y = op(x[start:end], w_local, local_offs)                  # (rows of my experts, N)
+    return torch.nn.functional.pad(y, (0, 0, start, x.shape[0] - end))   # (M, N), zeros elsewhere
+
+
+def _localize_expert_parallel(node: fx.Node, strategy: Strategy, lctx) -> None:
+    x, w, offs = node.args[:3]
+    op = node.target
+    node.target = expert_parallel_grouped_mm
+    node.args = (x, w, offs, lctx.rank, lctx.world, op)
+    node.kwargs = {}
+
+
+def partition_key(node: fx.Node, limit: int = 40):
+    """The ``offs`` tensors of the grouped matmuls upstream of ``node``: two disjoint partial
+    sums may be multiplied elementwise only when their rows are owned by the same ranks."""
+    seen, stack, keys = set(), [node], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and _is_grouped_mm(n.target):
+            keys.add(n.args[2])
+            continue
+        stack.extend(n.all_input_nodes)
+    return frozenset(keys)
+
+
+def _is_grouped_mm(target) -> bool:
+    name = target.name() if isinstance(target, torch._ops.OpOverload) else ""
+    return name.startswith("transformers::grouped_mm_fallback") or name.startswith("aten::_grouped_mm")
 
 
 @register_rule("transformers::grouped_mm_fallback", aten._grouped_mm.default)
@@ -40,4 +91,9 @@ def grouped_mm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
             strategies.append(Strategy((S(1, f), S(1, f)) + rest, P))      # row-parallel experts
     if xv.is_floating_point():
         strategies.append(Strategy((P, R) + rest, P))
+    if n_tensor_args == 1 and ctx.shardable(wv.shape[0]):
+        # expert parallelism: E/N whole experts per rank; the tokens are already on every rank
+        # (replicated activations), each rank runs its experts' rows, the rest stay zero (D)
+        strategies.append(Strategy((R, S(0), R), D, localize=_localize_expert_parallel))
+        strategies.append(Strategy((D, S(0), R), D, localize=_localize_expert_parallel))
     return dedupe(strategies)

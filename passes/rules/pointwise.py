@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, tensor_inputs, val
-from autotp.placement import P, R, S, is_shard, split_factor
+from autotp.placement import D, P, R, S, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -66,7 +66,33 @@ def pointwise_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
         placements = tuple(S(m[d], f) if d in m else R for m in maps)
         strategies.append(Strategy(placements, S(d, f)))
     strategies += _partial_strategies(node, ins)
+    strategies += _disjoint_strategies(node, ins, ctx)
     return dedupe(strategies)
+
+
+# f(0) = 0: run locally on a disjoint partial sum, each element lives on one rank
+_ZERO_PRESERVING = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.neg.default,
+                    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default,
+                    aten.alias.default, aten.contiguous.default, aten.detach.default, aten.mul.Scalar,
+                    aten.div.Scalar, aten.dropout.default, aten.type_as.default}
+
+
+def _disjoint_strategies(node: fx.Node, ins: list[fx.Node], ctx: RuleContext) -> list[Strategy]:
+    if not ins or not any(D in ctx.candidates(a) for a in ins):
+        return []
+    target = node.target
+    if target in _ZERO_PRESERVING:
+        return [Strategy(tuple(D if i == 0 else R for i in range(len(ins))), D)]
+    if target == aten.div.Tensor and ins[0] is node.args[0]:
+        return [Strategy(tuple(D if i == 0 else R for i in range(len(ins))), D)]
+    if target == aten.mul.Tensor and len(ins) == 2:
+        out = [Strategy((D, R), D), Strategy((R, D), D)]
+        from autotp.passes.rules.moe import partition_key
+        key = partition_key(ins[0])
+        if val(ins[0]).shape == val(ins[1]).shape and key and len(key) == 1 and key == partition_key(ins[1]):
+            out.append(Strategy((D, D), D))            # same rows on the same ranks: silu(gate) * up
+        return out
+    return []
 
 
 def _partial_strategies(node: fx.Node, ins: list[fx.Node]) -> list[Strategy]:

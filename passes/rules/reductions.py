@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
-from autotp.placement import P, R, S, is_shard, split_factor
+from autotp.placement import D, P, R, S, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -41,8 +41,8 @@ def reduction_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     multi_out = isinstance(val(node), (tuple, list))
     strategies = [replicate_strategy(node)]
     for p in ctx.candidates(node.args[0]):
-        if p == P and is_sum and x.is_floating_point():
-            strategies.append(Strategy((P,), P))
+        if p in (P, D) and is_sum and x.is_floating_point():
+            strategies.append(Strategy((p,), P))             # summing mixes ranks' rows: plain partial
         elif is_shard(p):
             d = p.dim % x.ndim
             if d in dims:

@@ -8,12 +8,13 @@ projections (``[q|k|v]`` is ``S(d)x3``; splitting it in three gives three ``S(d)
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, tensor_inputs, val
-from autotp.placement import P, R, S, Placement, is_shard, split_factor
+from autotp.placement import D, P, R, S, Placement, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -75,6 +76,11 @@ def _localize_shape(node: fx.Node, strategy: Strategy, lctx) -> None:
         raise AssertionError(f"{node.name}: shape argument {shape} does not match the output rank")
     if isinstance(shape[d], int) and shape[d] != -1:
         shape[d] //= lctx.world
+    elif isinstance(shape[d], fx.Node):          # a symbolic size (e.g. batch * heads): divide at run time
+        with node.graph.inserting_before(node):
+            local = node.graph.call_function(operator.floordiv, (shape[d], lctx.world))
+        local.meta["val"] = shape[d].meta.get("val")
+        shape[d] = local
     node.args = (node.args[0], shape, *node.args[2:])
 
 
@@ -100,8 +106,8 @@ def _remap(node_in: fx.Node, ctx: RuleContext, node: fx.Node, dim_fn) -> list[St
     strategies = [replicate_strategy(node)]
     x = val(node_in)
     for p in ctx.candidates(node_in):
-        if p == P and x.is_floating_point():
-            strategies.append(Strategy((P,), P))
+        if p in (P, D) and x.is_floating_point():
+            strategies.append(Strategy((p,), p))
         elif is_shard(p):
             d = dim_fn(p.dim % x.ndim)
             if d is not None:
@@ -181,8 +187,8 @@ def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     k = len(outs)
     strategies = [replicate_strategy(node)]
     for p in ctx.candidates(node.args[0]):
-        if p == P and x.is_floating_point():
-            strategies.append(Strategy((P,), tuple(P for _ in outs)))
+        if p in (P, D) and x.is_floating_point():
+            strategies.append(Strategy((p,), tuple(p for _ in outs)))
         elif is_shard(p):
             d, f = p.dim % x.ndim, split_factor(p)
             if d != dim:
@@ -243,8 +249,8 @@ def index_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     n_idx = len(indices)
     for p in ctx.candidates(x):
         rest = tuple(R for _ in range(n_idx))
-        if p == P and xv.is_floating_point():
-            strategies.append(Strategy((P,) + rest, P))
+        if p in (P, D) and xv.is_floating_point():          # a row gather keeps either kind of sum
+            strategies.append(Strategy((p,) + rest, p))
         elif is_shard(p) and p.dim % xv.ndim >= k:
             strategies.append(Strategy((p,) + rest, S(p.dim % xv.ndim + shift, split_factor(p))))
     return dedupe(strategies)
