@@ -365,8 +365,18 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
                       sharded_outputs=sharded_outputs, pins=canonical_pins, params=captured.params,
                       buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes)
     gm = captured.gm
+    free = _copy_graph_module(gm) if canonical_pins else None
     for p in PLAN_PASSES:
         gm = p(gm, ctx)
+    if free is not None:                     # what the pins cost: the same problem without them
+        free_ctx = dataclasses.replace(ctx, pins={}, notes=[], solver_stats={})
+        for p in PLAN_PASSES:
+            free = p(free, free_ctx)
+        extra_us = ctx.solver_stats["comm_time_us"] - free_ctx.solver_stats["comm_time_us"]
+        extra_mem = ctx.solver_stats["weight_bytes_per_rank"] - free_ctx.solver_stats["weight_bytes_per_rank"]
+        ctx.solver_stats["pin_cost"] = {"comm_time_us": extra_us, "weight_bytes_per_rank": extra_mem}
+        ctx.note(f"overrides cost {extra_us:+.1f} us of communication per step (at batch {plan_batch} x seq "
+                 f"{plan_seq}, link {link}) and {extra_mem / 2**20:+.2f} MiB of weights per rank vs the free plan")
     plan = Plan(captured, ctx, gm, dict(aliases))
     if dump is False:                        # another rank writes the dumps
         pass

@@ -75,6 +75,8 @@ def test_overrides_pin_a_placement():
     plan = autotp.plan(model, (ids,), world_size=2, overrides={"*.mlp.down_proj.weight": autotp.Replicate()})
     assert autotp.fmt(plan.placements["model.layers.0.mlp.down_proj.weight"]) == "R"
     assert autotp.fmt(plan.placements["model.layers.0.mlp.up_proj.weight"]) == "S(0)"
+    cost = plan.ctx.solver_stats["pin_cost"]                  # and the plan says what the pin costs
+    assert cost["weight_bytes_per_rank"] > 0 and any("overrides cost" in n for n in plan.notes)
 
 
 def test_same_plan_every_time():
