@@ -306,6 +306,7 @@ def report_data(plan, *, batch: int, seq: int, dtype=torch.bfloat16, link="nvlin
         attention=attention_scores(plan, batch, seq, dtype),
         layer_model=model,
         scaling=scaling(model, batch, seq, dtype, DEVICES[device]) if model and model["forward"] else None,
+        notes=list(plan.notes),                # replicated ops and weights, pins' cost, lowered attention
     )
 
 
@@ -435,6 +436,9 @@ def render(data: dict, markdown: bool = False) -> str:
     if article_numbers(data)["bytes"] == ARTICLE["bytes_per_all_reduce"]:
         out.heading("Article check")
         out.pre(_article_lines(data, None))
+    if data.get("notes"):
+        out.heading("Plan notes")
+        out.pre(data["notes"])
     return out.text()
 
 

@@ -339,7 +339,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if alias is not None and "strategy" in alias[0].meta.get("autotp", {}):
             n.meta["autotp"]["placement"] = alias[0].meta["autotp"]["strategy"].output[alias[1]]
     for n in sorted(large, key=lambda n: n.name):
-        if n.meta["autotp"]["placement"] == R and n not in tied and world > 1:
+        if n.meta["autotp"]["placement"] == R and n not in tied and world > 1 and ctx.params[n.name] not in ctx.pins:
             ctx.note(f"{ctx.params[n.name]} {list(val(n).shape)} stays replicated: no split of it by {world} "
                      f"keeps its consumers local (sizes do not divide, or an op on it has no sharding rule)")
     ctx.solver_stats = {"variables": len(lp.cost_mem), "constraints": lp.nrows,
