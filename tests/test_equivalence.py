@@ -54,7 +54,9 @@ def test_sharded_logits_skip_the_gather(results):
     r = next(x for x in per_rank[0] if x.name == "llama-sharded-logits")
     full = next(x for x in per_rank[0] if x.name == "llama")
     assert not r.error, r.error
-    if world > 1:   # the logits' all-gather is gone, nothing else changes
+    # at N=2 (every dim divides) the logits' all-gather is gone and nothing else changes; at N=4
+    # the GQA kv heads do not divide and the free output placement lets the solver re-plan more
+    if world == 2:
         gathers = "all_gather_into_tensor"
         assert r.forward_counts.get(gathers, 0) == full.forward_counts[gathers] - 1, (r.forward_counts,
                                                                                      full.forward_counts)
