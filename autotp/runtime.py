@@ -133,6 +133,38 @@ class ParallelModule(nn.Module):
         return flat
 
     def forward(self, *args, **kwargs):
+        outs = self.graph_module(*self._graph_inputs(args, kwargs))
+        if self.plan.ctx.sharded_outputs:
+            outs = [self._as_dtensor(o, n) for o, n in zip(outs, self._output_nodes())]
+        return pytree.tree_unflatten(list(outs), self.plan.captured.out_spec)
+
+    def expert_load(self, *args, **kwargs) -> list[dict]:
+        """Load balance of one batch: for every MoE layer, tokens routed to each expert and to
+        each rank (experts split E/N per rank under expert parallelism).  Runs one forward
+        without gradients; a collective like the forward, so call it on every rank."""
+        inputs = self._graph_inputs(args, kwargs)
+        found: list[tuple[fx.Node, torch.Tensor]] = []
+
+        class _Record(fx.Interpreter):
+            def run_node(self, node):
+                out = super().run_node(node)
+                if node.op == "call_function" and node.target == torch.ops.aten.histc.default:
+                    found.append((node, out.detach()))
+                return out
+
+        with torch.no_grad():
+            _Record(self.graph_module).run(*inputs)
+        world, layers = self.mesh.size(), []
+        for node, counts in found:
+            counts = counts.round().long()
+            per_rank = counts.view(world, -1).sum(1).tolist() if counts.numel() % world == 0 else None
+            from autotp.passes.context import module_path
+            layers.append({"module": module_path(node), "tokens_per_expert": counts.tolist(),
+                           "tokens_per_rank": per_rank,
+                           "imbalance": (max(per_rank) / max(1e-9, sum(per_rank) / world)) if per_rank else None})
+        return layers
+
+    def _graph_inputs(self, args, kwargs) -> list:
         flat = self._flat_user_inputs(args, kwargs)
         if self.check_inputs:
             self._check_same_inputs(flat)
@@ -148,10 +180,7 @@ class ParallelModule(nn.Module):
                 inputs.append(feed[1])
             else:
                 inputs.append(_check_input(flat[feed[1]], feed[2], sizes))
-        outs = self.graph_module(*inputs)
-        if self.plan.ctx.sharded_outputs:
-            outs = [self._as_dtensor(o, n) for o, n in zip(outs, self._output_nodes())]
-        return pytree.tree_unflatten(list(outs), self.plan.captured.out_spec)
+        return inputs
 
     def _check_same_inputs(self, flat: list) -> None:
         """Debug mode: every rank must pass the same inputs (one small all-gather per call)."""

@@ -31,3 +31,13 @@ def test_golden_graph(family, world, update_goldens):
     ids = torch.randint(0, 96, (2, 8))
     plan = autotp.plan(model, (ids,), world_size=world)
     _check(f"{family}_1layer_n{world}", plan.summary() + "\n\n" + plan.graph_text(), update_goldens)
+
+
+def test_golden_mixtral(update_goldens):
+    """One Mixtral layer at N=2: expert parallelism, the disjoint partial sum D, one combine."""
+    from models import build_any
+    torch.manual_seed(0)
+    model = build_any("mixtral", num_hidden_layers=1)
+    ids = torch.randint(0, 96, (2, 8))
+    plan = autotp.plan(model, (ids,), world_size=2)
+    _check("mixtral_1layer_n2", plan.summary() + "\n\n" + plan.graph_text(), update_goldens)

@@ -50,9 +50,28 @@ def test_mixtral_expert_parallel_counts_per_layer():
     assert autotp.fmt(plan.placements["model.layers.0.mlp.gate.weight"]) == "R"           # the small router
 
 
+def test_load_balance_is_visible():
+    """Tokens per expert and per rank for one batch (one process: the world of one)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ids = torch.randint(0, 128, (2, 8))
+        pmodel = autotp.parallelize(SkewedMixtral()(), (ids,))
+        load = pmodel.expert_load(ids)
+        assert len(load) == 2                                  # two MoE layers
+        for layer in load:
+            # 16 tokens x top-2, all to the same two experts; the other two get none
+            assert sorted(layer["tokens_per_expert"]) == [0, 0, 16, 16], layer
+            assert layer["tokens_per_rank"] == [32]
+    finally:
+        dist.destroy_process_group()
+
+
 class SkewedMixtral:
-    """Mixtral whose router scores every expert 0: top-2 picks experts 0 and 1 for every token,
-    so experts 2 and 3 get no tokens (zero-size blocks in the grouped matmul)."""
+    """Mixtral whose router scores every expert 0: top-2 picks the same two experts for every
+    token, so the other two get no tokens (zero-size blocks in the grouped matmul)."""
     def __call__(self):
         model = HFModel(MOE_FAMILIES["mixtral"])()
         with torch.no_grad():
