@@ -26,7 +26,6 @@ The collectives are torch's functional collectives (``_c10d_functional``), so
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 _c10d = torch.ops._c10d_functional
 
@@ -39,30 +38,14 @@ def _group_name(group) -> str:
     return group if isinstance(group, str) else group.group_name
 
 
-def _world(group) -> int:
-    return dist.get_world_size(_resolve(group))
-
-
-def _rank(group) -> int:
-    return dist.get_rank(_resolve(group))
-
-
-def _resolve(group):
-    if isinstance(group, str):
-        from torch.distributed.distributed_c10d import _resolve_process_group
-        return _resolve_process_group(group)
-    return group
-
-
 # ---- raw (non-autograd) collectives along an arbitrary dim, with strided-shard layout ----
 
 def _ar(x: torch.Tensor, group) -> torch.Tensor:
     return _wait(_c10d.all_reduce(x.contiguous(), "sum", _group_name(group)))
 
 
-def _ag(x: torch.Tensor, dim: int, factor: int, group) -> torch.Tensor:
+def _ag(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
     """Gather shards along ``dim``: local (.., f*b, ..) per rank -> (.., f*N*b, ..)."""
-    n = _world(group)
     xm = x.movedim(dim, 0).contiguous()                       # (f*b, *rest)
     g = _wait(_c10d.all_gather_into_tensor(xm, n, _group_name(group)))  # (N*f*b, *rest), rank-major
     if factor > 1:
@@ -72,9 +55,8 @@ def _ag(x: torch.Tensor, dim: int, factor: int, group) -> torch.Tensor:
     return g.movedim(0, dim)
 
 
-def _rs(x: torch.Tensor, dim: int, factor: int, group) -> torch.Tensor:
+def _rs(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
     """Reduce-scatter a full-size partial tensor along ``dim`` into this rank's shard."""
-    n = _world(group)
     xm = x.movedim(dim, 0)
     rest = xm.shape[1:]
     if factor > 1:
@@ -84,16 +66,14 @@ def _rs(x: torch.Tensor, dim: int, factor: int, group) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-def _chunk(x: torch.Tensor, dim: int, factor: int, group) -> torch.Tensor:
-    n, r = _world(group), _rank(group)
+def _chunk(x: torch.Tensor, dim: int, factor: int, n: int, r: int) -> torch.Tensor:
     if factor == 1:
         return x.chunk(n, dim=dim)[r].contiguous()
     return torch.cat([blk.chunk(n, dim=dim)[r] for blk in x.chunk(factor, dim=dim)], dim=dim)
 
 
-def _a2a(x: torch.Tensor, src_dim: int, dst_dim: int, group) -> torch.Tensor:
+def _a2a(x: torch.Tensor, src_dim: int, dst_dim: int, group, n: int) -> torch.Tensor:
     """Shard(src_dim) -> Shard(dst_dim): split dst_dim into N pieces, exchange, concat on src_dim."""
-    n = _world(group)
     pieces = x.chunk(n, dim=dst_dim)                           # piece j goes to rank j
     send = torch.cat([p.contiguous().flatten() for p in pieces])
     recv = _wait(_c10d.all_to_all_single(send, [pieces[0].numel()] * n, [pieces[0].numel()] * n,
@@ -127,47 +107,47 @@ class _ReduceGrad(torch.autograd.Function):
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, factor, group):
-        ctx.args = (dim, factor, group)
-        return _ag(x, dim, factor, group)
+    def forward(ctx, x, dim, factor, group, world, rank):
+        ctx.args = (dim, factor, world, rank)
+        return _ag(x, dim, factor, group, world)
 
     @staticmethod
     def backward(ctx, g):
-        return _chunk(g, *ctx.args), None, None, None
+        return _chunk(g, *ctx.args), None, None, None, None, None
 
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, factor, group):
-        ctx.args = (dim, factor, group)
-        return _chunk(x, dim, factor, group)
+    def forward(ctx, x, dim, factor, group, world, rank):
+        ctx.args = (dim, factor, group, world)
+        return _chunk(x, dim, factor, world, rank)
 
     @staticmethod
     def backward(ctx, g):
-        return _ag(g, *ctx.args), None, None, None
+        return _ag(g, *ctx.args), None, None, None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, factor, group):
-        ctx.args = (dim, factor, group)
-        return _rs(x, dim, factor, group)
+    def forward(ctx, x, dim, factor, group, world, rank):
+        ctx.args = (dim, factor, group, world)
+        return _rs(x, dim, factor, group, world)
 
     @staticmethod
     def backward(ctx, g):
-        return _ag(g, *ctx.args), None, None, None
+        return _ag(g, *ctx.args), None, None, None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, src_dim, dst_dim, group):
-        ctx.args = (src_dim, dst_dim, group)
-        return _a2a(x, src_dim, dst_dim, group)
+    def forward(ctx, x, src_dim, dst_dim, group, world, rank):
+        ctx.args = (src_dim, dst_dim, group, world)
+        return _a2a(x, src_dim, dst_dim, group, world)
 
     @staticmethod
     def backward(ctx, g):
-        src_dim, dst_dim, group = ctx.args
-        return _a2a(g, dst_dim, src_dim, group), None, None, None
+        src_dim, dst_dim, group, world = ctx.args
+        return _a2a(g, dst_dim, src_dim, group, world), None, None, None, None, None
 
 
 # ---- the functions the rewritten graph calls (names show in dumps and goldens) ----
@@ -182,24 +162,27 @@ def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
     return _ReduceGrad.apply(x, group)
 
 
-def all_gather(x: torch.Tensor, dim: int, factor: int, group: str) -> torch.Tensor:
+# Shape-changing collectives take the world size and this rank as plain ints (the rewritten
+# graph is per rank), so torch.compile traces them without resolving the process group.
+
+def all_gather(x: torch.Tensor, dim: int, factor: int, group: str, world: int, rank: int) -> torch.Tensor:
     """S(dim) -> R: all-gather forward, own chunk backward."""
-    return _AllGather.apply(x, dim, factor, group)
+    return _AllGather.apply(x, dim, factor, group, world, rank)
 
 
-def scatter(x: torch.Tensor, dim: int, factor: int, group: str) -> torch.Tensor:
+def scatter(x: torch.Tensor, dim: int, factor: int, group: str, world: int, rank: int) -> torch.Tensor:
     """R -> S(dim): own chunk forward (no communication), all-gather backward."""
-    return _Scatter.apply(x, dim, factor, group)
+    return _Scatter.apply(x, dim, factor, group, world, rank)
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, factor: int, group: str) -> torch.Tensor:
+def reduce_scatter(x: torch.Tensor, dim: int, factor: int, group: str, world: int, rank: int) -> torch.Tensor:
     """P -> S(dim): reduce-scatter forward, all-gather backward."""
-    return _ReduceScatter.apply(x, dim, factor, group)
+    return _ReduceScatter.apply(x, dim, factor, group, world, rank)
 
 
-def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group: str) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group: str, world: int, rank: int) -> torch.Tensor:
     """S(src_dim) -> S(dst_dim): all-to-all both ways."""
-    return _AllToAll.apply(x, src_dim, dst_dim, group)
+    return _AllToAll.apply(x, src_dim, dst_dim, group, world, rank)
 
 
 COLLECTIVES = (all_reduce, reduce_grad, all_gather, scatter, reduce_scatter, all_to_all)

@@ -59,7 +59,8 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         route = steps(src, dst)
         for step in route:
             with graph.inserting_after(cur):
-                new = graph.call_function(step.fn, (cur, *step.args, ctx.group))
+                extra = (ctx.world, ctx.rank) if step.fn not in (comm.all_reduce,) else ()
+                new = graph.call_function(step.fn, (cur, *step.args, ctx.group, *extra))
             new.meta["val"], new.meta["autotp_val"] = t.meta["val"], val(t)
             _copy_meta(t if t.op != "placeholder" else consumer, new)   # it belongs to the producer
             new_p = dst if step is route[-1] else R
