@@ -40,6 +40,7 @@ class Captured:
     out_spec: Any
     example_kwargs: dict            # kwargs given at capture (e.g. use_cache=False): the defaults
     symbols: dict = dataclasses.field(default_factory=dict)   # export's size symbol -> sympy batch/seq
+    pinned: dict = dataclasses.field(default_factory=dict)    # size symbol -> (example value, why)
 
 
 def hint_int(s) -> int:
@@ -146,7 +147,32 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     canonicalize(gm)
     attach_concrete(gm)
     return Captured(gm, program, params, buffers, constants, users, program.call_spec.in_spec,
-                    program.call_spec.out_spec, kwargs, _size_symbols(gm, users))
+                    program.call_spec.out_spec, kwargs, _size_symbols(gm, users), unrolled_sizes(gm))
+
+
+def unrolled_sizes(gm: fx.GraphModule) -> dict:
+    """Size symbols the graph is not really generic in: a Python loop over a dim (a selective
+    scan stepping through the sequence) is traced unrolled, as ``select(x, dim, i)`` with constant
+    ``i`` on a symbolic dim.  Such a graph is only right at the example's size, so that size is
+    pinned: other sizes get a clear error instead of a silently truncated loop."""
+    seen: dict = {}                      # symbol -> (example size, {index: node})
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != aten.select.int:
+            continue
+        x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(x, torch.Tensor) or not isinstance(node.args[2], int) or node.args[2] < 0:
+            continue
+        size = x.shape[node.args[1] % x.ndim]
+        if isinstance(size, torch.SymInt) and not size.node.expr.is_number:
+            for sym in size.node.expr.free_symbols:
+                seen.setdefault(sym, (hint_int(size), {}))[1].setdefault(node.args[2], node)
+    pinned = {}
+    for sym, (example, by_index) in seen.items():
+        # a loop: several constant positions, up to the last one of the example (x[:, -1] is generic)
+        if len(by_index) >= 2 and max(by_index) == example - 1:
+            node = by_index[max(by_index)]
+            pinned[sym] = (example, node.name, (node.meta.get("stack_trace") or "").strip().splitlines()[-1:])
+    return pinned
 
 
 def _size_symbols(gm: fx.GraphModule, users: list[str]) -> dict:

@@ -364,6 +364,18 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
     ctx = PassContext(world=world_size, strict=strict, link=link, training=training,
                       sharded_outputs=sharded_outputs, pins=canonical_pins, params=captured.params,
                       buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes)
+    from autotp.runtime import _static
+    for node in captured.gm.graph.nodes:
+        v = node.meta.get("val")
+        if node.op == "placeholder" and node.name in captured.user_inputs and isinstance(v, torch.Tensor):
+            for d, size in list(enumerate(v.shape))[:2]:
+                if _static(size) is not None and not isinstance(size, int):
+                    ctx.note(f"torch.export fixed dim {d} ({'batch' if d == 0 else 'seq'}) of `{node.name}` at "
+                             f"{_static(size)}: the model's code depends on it, so this plan runs only at that size")
+    for sym, (example, where_node, _) in captured.pinned.items():
+        name = captured.symbols.get(sym, sym)
+        ctx.note(f"the graph unrolls a Python loop over `{name}` (node `{where_node}`): this plan runs only at "
+                 f"{name} = {example}")
     gm = captured.gm
     free = _copy_graph_module(gm) if canonical_pins else None
     for p in PLAN_PASSES:

@@ -179,7 +179,7 @@ class ParallelModule(nn.Module):
             elif kind == "const":
                 inputs.append(feed[1])
             else:
-                inputs.append(_check_input(flat[feed[1]], feed[2], sizes))
+                inputs.append(_check_input(flat[feed[1]], feed[2], sizes, self.plan.captured.pinned))
         return inputs
 
     def _check_same_inputs(self, flat: list) -> None:
@@ -240,7 +240,8 @@ def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
         gm.recompile()
 
 
-def _check_input(x, node: fx.Node, sizes: dict):
+def _check_input(x, node: fx.Node, sizes: dict, pinned: dict | None = None):
+    pinned = pinned or {}
     want = node.meta.get("val")
     if isinstance(want, torch.Tensor):
         if not isinstance(x, torch.Tensor):
@@ -256,7 +257,14 @@ def _check_input(x, node: fx.Node, sizes: dict):
                               f"{_shape_names(want.shape)}; pass inputs of that shape, or call autotp.parallelize "
                               f"again with an example of this shape")
         for got, size in zip(x.shape, want.shape):
-            if isinstance(size, torch.SymInt):
+            if isinstance(size, torch.SymInt) and _static(size) is None:
+                expr = size.node.expr
+                if expr in pinned and got != pinned[expr][0]:
+                    example, where, line = pinned[expr]
+                    raise AutoTPError(f"input `{node.name}` has {got} where the plan was made for {example}: the "
+                                      f"model loops over this dim in Python, so the captured graph is unrolled for "
+                                      f"{example} (node `{where}`: {line[0].strip() if line else ''}); call "
+                                      f"autotp.parallelize again with an example of this size")
                 key = str(size.node.expr)
                 first = sizes.setdefault(key, (got, node.name))
                 if first[0] != got:
@@ -270,13 +278,23 @@ def _check_input(x, node: fx.Node, sizes: dict):
 
 
 def _shape_names(shape) -> list:
-    return [s if isinstance(s, int) else ("batch" if i == 0 else "seq" if i == 1 else str(s)) for i, s in enumerate(shape)]
+    return [_static(s) if _static(s) is not None else ("batch" if i == 0 else "seq" if i == 1 else str(s))
+            for i, s in enumerate(shape)]
+
+
+def _static(size) -> int | None:
+    """The size when it is fixed (an int, or a SymInt export specialised to a number)."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+    return int(expr) if expr.is_number else None
 
 
 def _shape_matches(got, want) -> bool:
     if len(got) != len(want):
         return False
     for g, w in zip(got, want):
-        if isinstance(w, int) and g != w:
+        fixed = _static(w)
+        if fixed is not None and g != fixed:
             return False
     return True
