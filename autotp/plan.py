@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import fnmatch
 import hashlib
@@ -11,7 +10,6 @@ import re
 import torch
 import torch.fx as fx
 
-from autotp import comm
 from autotp.capture import Captured, capture
 from autotp.placement import R, P, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 
-from autotp.placement import R, fmt, local_chunk
+from autotp.placement import R, local_chunk
 from autotp.plan import Plan
 from autotp.passes.context import AutoTPError
 

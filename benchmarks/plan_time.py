@@ -13,7 +13,6 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from autotp.capture import capture
 from autotp.plan import make_plan
 
 

@@ -10,7 +10,7 @@ import dataclasses
 
 from autotp import comm
 from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
-from autotp.placement import D, P, R, Placement, is_shard, split_factor
+from autotp.placement import D, P, R, Placement, split_factor
 
 
 @dataclasses.dataclass(frozen=True)

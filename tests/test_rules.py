@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from autotp.placement import P, R, S, local_chunk
+from autotp.placement import P, S, local_chunk
 from autotp.passes.rules.views import dim_groups, view_placement
 
 

@@ -1,9 +1,7 @@
 """A model that loops over the sequence in Python is traced unrolled: the plan must refuse other
 sequence lengths with a clear error instead of silently running a truncated loop."""
-import pytest
 import torch
 
-import autotp
 from autotp.capture import capture
 
 

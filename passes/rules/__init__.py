@@ -25,14 +25,13 @@ To add a rule see ``docs/adding-a-rule.md``.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import D, P, R, S, Placement, can_shard, is_shard, shard_dim, split_factor
+from autotp.placement import D, P, R, S, Placement, can_shard, is_shard, split_factor
 
 aten = torch.ops.aten
 

@@ -82,7 +82,6 @@ def softmax_rule(node, ctx):
 
 @register_rule(aten.topk.default, aten.sort.default, aten.sort.stable)
 def topk_rule(node, ctx):
-    x = val(node.args[0])
     if node.target == aten.topk.default:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     elif node.target == aten.sort.stable:
