@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from autotp.capture import Captured, capture
-from autotp.placement import R, P, Placement, fmt, is_shard, local_shape, split_factor
+from autotp.placement import D, R, P, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
 from autotp.passes.context import AutoTPError, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
@@ -80,7 +80,8 @@ class Plan:
         return out
 
     def roles(self) -> dict[str, str]:
-        """Parameter name -> column-parallel / row-parallel / vocab-parallel / replicated / sharded."""
+        """Parameter name -> column-parallel / row-parallel / vocab-parallel / expert-parallel /
+        replicated / sharded (anything else)."""
         roles = {}
         for node in self.gm.graph.nodes:
             if node.op != "placeholder" or node.name not in self.ctx.params:
@@ -89,15 +90,15 @@ class Plan:
             role = "replicated"
             if is_shard(p):
                 role = f"sharded {fmt(p)}"
-                for user in node.users:
-                    s = user.meta.get("autotp", {}).get("strategy")
-                    if s is None:
-                        continue
+                user = _compute_user(node)
+                s = user.meta.get("autotp", {}).get("strategy") if user is not None else None
+                if s is not None and not isinstance(s.output, tuple):
                     if s.output == P:
                         role = "vocab-parallel" if user.target == torch.ops.aten.embedding.default else "row-parallel"
-                    elif is_shard(s.output) if not isinstance(s.output, tuple) else False:
+                    elif s.output == D:
+                        role = "expert-parallel"
+                    elif is_shard(s.output):
                         role = "column-parallel"
-                    break
             for name in self.aliases.get(self.ctx.params[node.name], [self.ctx.params[node.name]]):
                 roles[name] = role
         return roles
@@ -281,6 +282,19 @@ class Plan:
         """Every pass's graph as text and graphviz SVG, in pipeline order.  See autotp.viz."""
         from autotp.viz import dump
         return dump(self, out_dir, **kwargs)
+
+
+def _compute_user(node: fx.Node) -> fx.Node | None:
+    """The first op that computes with a weight, looking through views of it (a transposed
+    expert weight is still the weight)."""
+    from autotp.passes.solve import _WEIGHT_VIEWS
+    seen = 0
+    while node.users and seen < 8:
+        user = next(iter(node.users))
+        if str(user.target) not in _WEIGHT_VIEWS:
+            return user
+        node, seen = user, seen + 1
+    return None
 
 
 def _args_text(node: fx.Node) -> str:
