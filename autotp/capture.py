@@ -228,6 +228,15 @@ def _new(graph: fx.Graph, like: fx.Node, target, args) -> fx.Node:
     return node
 
 
+def _split_bias(graph: fx.Graph, node: fx.Node, matmul, x: fx.Node, w: fx.Node, b: fx.Node) -> None:
+    """Replace ``node`` (a matmul with a fused bias) by ``add(matmul(x, w), b)``."""
+    with graph.inserting_before(node):
+        product = _new(graph, node, matmul, (x, w))
+        out = _new(graph, node, aten.add.Tensor, (product, b))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
@@ -237,18 +246,10 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
         elif node.target == aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
             x, w, b = node.args[:3]
-            with graph.inserting_before(node):
-                mm = _new(graph, node, aten.linear.default, (x, w))
-                out = _new(graph, node, aten.add.Tensor, (mm, b))
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
+            _split_bias(graph, node, aten.linear.default, x, w, b)
         elif node.target == aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
             b, x, w = node.args[:3]
-            with graph.inserting_before(node):
-                mm = _new(graph, node, aten.mm.default, (x, w))
-                out = _new(graph, node, aten.add.Tensor, (mm, b))
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
+            _split_bias(graph, node, aten.mm.default, x, w, b)
     graph.lint()
     gm.recompile()
     return gm
