@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
@@ -175,12 +176,14 @@ def unrolled_sizes(gm: fx.GraphModule) -> dict:
     return pinned
 
 
+BATCH = sympy.Symbol("batch", positive=True, integer=True)
+SEQ = sympy.Symbol("seq", positive=True, integer=True)
+
+
 def _size_symbols(gm: fx.GraphModule, users: list[str]) -> dict:
     """Name export's size symbols after what they are: dim 0 of the inputs is ``batch``,
     dim 1 is ``seq`` (the first input that has them names them)."""
-    import sympy
-    names = {0: sympy.Symbol("batch", positive=True, integer=True),
-             1: sympy.Symbol("seq", positive=True, integer=True)}
+    names = {0: BATCH, 1: SEQ}
     out = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder" and node.name in users and isinstance(node.meta.get("val"), torch.Tensor):

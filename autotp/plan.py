@@ -5,7 +5,6 @@ import collections
 import dataclasses
 import fnmatch
 import hashlib
-import re
 
 import torch
 import torch.fx as fx
@@ -13,10 +12,9 @@ import torch.fx as fx
 from autotp.capture import Captured, capture
 from autotp.placement import D, R, P, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
-from autotp.passes.context import AutoTPError, module_path, user_line
+from autotp.passes.context import AutoTPError, layer_index, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
 
-_LAYER = re.compile(r"\.(\d+)\.")
 
 
 @dataclasses.dataclass
@@ -51,8 +49,7 @@ class Collective:
 
     @property
     def layer(self) -> int | None:
-        m = _LAYER.search("." + self.module + ".")
-        return int(m.group(1)) if m else None
+        return layer_index(self.module)
 
 
 class Plan:

@@ -94,15 +94,23 @@ class ParallelModule(nn.Module):
             setattr(owner, attr, done[id(full)])
 
     def _input_feeds(self):
+        """What feeds each placeholder.  Parameters and buffers are resolved to (owning module,
+        attribute) once, so a step does no dotted-name lookups, and ``load_checkpoint``'s
+        replacement of a parameter on its module is still what the next step reads."""
         plan = self.plan
         feeds = []
+
+        def owner(name: str):
+            module_name, _, attr = name.rpartition(".")
+            return (self.get_submodule(module_name) if module_name else self), attr
+
         for node in self.graph_module.graph.nodes:
             if node.op != "placeholder":
                 continue
             if node.name in plan.captured.params:
-                feeds.append(("param", plan.captured.params[node.name]))
+                feeds.append(("param", *owner(plan.captured.params[node.name])))
             elif node.name in plan.captured.buffers:
-                feeds.append(("buffer", plan.captured.buffers[node.name]))
+                feeds.append(("buffer", *owner(plan.captured.buffers[node.name])))
             elif node.name in plan.captured.constants:
                 feeds.append(("const", plan.captured.constants[node.name]))
             else:
@@ -173,9 +181,9 @@ class ParallelModule(nn.Module):
         for feed in self._feeds:
             kind = feed[0]
             if kind == "param":
-                inputs.append(self.get_parameter(feed[1]).to_local())
+                inputs.append(getattr(feed[1], feed[2]).to_local())
             elif kind == "buffer":
-                inputs.append(self.get_buffer(feed[1]))
+                inputs.append(getattr(feed[1], feed[2]))
             elif kind == "const":
                 inputs.append(feed[1])
             else:

@@ -29,9 +29,8 @@ import torch.fx as fx
 
 from autotp.placement import Partial, Replicate, fmt, is_shard
 from autotp.passes import insert_collectives
-from autotp.passes.context import module_path
+from autotp.passes.context import module_path, node_layer
 
-_LAYER = re.compile(r"\.(\d+)\.")
 COLOURS = {"R": "#dddddd", "P": "#f6b26b", "S(0)": "#93c47d", "S(1)": "#6fa8dc", "S(2)": "#b4a7d6",
            "S(3)": "#ffd966", "-": "#ffffff"}
 COLLECTIVE = dict(color="red", fontcolor="red", penwidth="3", style="filled,bold")
@@ -110,10 +109,7 @@ def stages_of(plan) -> list[Stage]:
 # ---------------------------------------------------------------- layers and folding
 
 def layer_of(node: fx.Node, plan) -> int | None:
-    """Decoder-layer index of a node: from its module path, or a parameter's name."""
-    name = plan.ctx.params.get(node.name) if node.op == "placeholder" else module_path(node)
-    m = _LAYER.search("." + (name or "") + ".")
-    return int(m.group(1)) if m else None
+    return node_layer(node, plan.ctx.params)
 
 
 def _signature(node: fx.Node, plan, placements: bool) -> tuple:

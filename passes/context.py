@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch.fx as fx
@@ -32,6 +33,20 @@ def module_path(node: fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return path.replace("L['self'].", "").replace("L['self']", "")
+
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(path: str | None) -> int | None:
+    """Decoder-layer index in a module path or parameter name (``model.layers.7.mlp`` -> 7)."""
+    m = _LAYER.search(path or "")
+    return int(m.group(1)) if m else None
+
+
+def node_layer(node: fx.Node, params: dict) -> int | None:
+    """Decoder-layer index of a node: a parameter's name, or the node's module path."""
+    return layer_index(params.get(node.name) if node.op == "placeholder" else module_path(node))
 
 
 def user_line(node: fx.Node) -> str:

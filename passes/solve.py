@@ -33,7 +33,6 @@ On a dense decoder layer the optimum is Megatron's: column-parallel q/k/v and ga
 """
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
@@ -43,7 +42,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
-from autotp.passes.context import AutoTPError, PassContext, module_path
+from autotp.passes.context import AutoTPError, PassContext, node_layer
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.placement import R, is_shard, split_factor
@@ -145,15 +144,6 @@ def _needs_grad(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
     return grad
 
 
-_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def _layer_of(node: fx.Node, ctx: PassContext) -> int | None:
-    name = ctx.params.get(node.name) if node.op == "placeholder" else module_path(node)
-    m = _LAYER.search(name or "")
-    return int(m.group(1)) if m else None
-
-
 def _signature(node: fx.Node) -> tuple:
     v = val(node)
     shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
@@ -168,7 +158,7 @@ def tie_repeated_layers(nodes: list[fx.Node], ctx: PassContext) -> dict[fx.Node,
     as Megatron's is.  Returns node -> representative node."""
     layers: dict[int, list[fx.Node]] = {}
     for n in nodes:
-        k = _layer_of(n, ctx)
+        k = node_layer(n, ctx.params)
         if k is not None:
             layers.setdefault(k, []).append(n)
     first_of: dict[tuple, list[fx.Node]] = {}

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import D, P, R, S, Placement, can_shard, is_shard, split_factor
+from autotp.placement import D, P, R, S, Placement, can_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -150,20 +150,8 @@ def dedupe(strategies: Iterable[Strategy]) -> list[Strategy]:
     return out
 
 
-def shard_options(node: fx.Node, ctx: RuleContext) -> list[tuple[int, int]]:
-    """(dim, factor) pairs of the candidate shardings of ``node`` (normalised dims)."""
-    t = val(node)
-    out = []
-    for p in ctx.candidates(node):
-        if is_shard(p):
-            d = p.dim % t.ndim
-            if ctx.shardable(t.shape[d], split_factor(p)):
-                out.append((d, split_factor(p)))
-    return out
-
-
 # import the rule modules so their @register_rule calls run
 from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention, moe  # noqa: E402,F401
 
 __all__ = ["Strategy", "RuleContext", "register_rule", "find_rule", "tensor_inputs", "RULES",
-           "replicate_strategy", "dedupe", "shard_options", "val", "R", "P", "S", "D"]
+           "replicate_strategy", "dedupe", "val", "R", "P", "S", "D"]
