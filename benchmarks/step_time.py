@@ -1,15 +1,17 @@
-"""Training-step time on CPU (gloo): autotp vs torchtitan's hand-written DTensor plan.
+"""Training-step time on CPU (gloo): autotp vs torchtitan's hand-written DTensor plan vs Hugging
+Face's own tensor parallelism (the model's ``tp_plan``, as ``from_pretrained(tp_plan="auto")`` applies it).
 
     python benchmarks/step_time.py [--worlds 1 2 4] [--reps 20]
 
 Small Llama (hidden 256, 4 layers, 8 heads, ffn 688, vocab 1024), batch 4 x seq 128, fp32.
-Each process builds both parallel models and interleaves their steps (forward + backward),
-so noise hits both alike; the table gives medians and the ratio autotp / hand-written.
+Each process builds the three parallel models and interleaves their steps (forward + backward),
+so noise hits all alike; the table gives medians, the ratios autotp / hand-written and autotp / HF,
+and the max logits error of the HF model vs the unsharded one (relative to the logits' scale).
+At N = 1 HF applies no plan: its model is the plain module.
 """
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -20,13 +22,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from comm_vs_handwritten import step, torchtitan_plan  # noqa: E402
+from comm_vs_handwritten import hf_tp_plan, machine, rel_err, step, torchtitan_plan  # noqa: E402
 
 import autotp  # noqa: E402
 from autotp.verify import HFModel  # noqa: E402
 
 CFG = dict(model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
            num_attention_heads=8, num_key_value_heads=8)
+PLANS = ("autotp", "hand-written", "HF tp_plan")
 
 
 def _worker(rank, world, tmp, reps, batch, seq):
@@ -36,13 +39,19 @@ def _worker(rank, world, tmp, reps, batch, seq):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     ids = torch.randint(0, CFG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    models = {}
     torch.manual_seed(0)
-    ours = autotp.parallelize(HFModel(CFG)(), (ids,), mesh=mesh)
+    ref = HFModel(CFG)()(ids).logits.detach()
     torch.manual_seed(0)
-    theirs = torchtitan_plan(HFModel(CFG)(), mesh)
-    times = {"autotp": [], "hand-written": []}
+    models["autotp"] = autotp.parallelize(HFModel(CFG)(), (ids,), mesh=mesh)
+    torch.manual_seed(0)
+    models["hand-written"] = torchtitan_plan(HFModel(CFG)(), mesh)
+    torch.manual_seed(0)
+    models["HF tp_plan"] = hf_tp_plan(HFModel(CFG)(), world)
+    hf_err = rel_err(models["HF tp_plan"](ids).logits, ref)
+    times = {name: [] for name in PLANS}
     for i in range(reps + 3):
-        for name, model in (("autotp", ours), ("hand-written", theirs)):
+        for name, model in models.items():
             dist.barrier()
             t = time.perf_counter()
             step(model, ids)
@@ -52,7 +61,7 @@ def _worker(rank, world, tmp, reps, batch, seq):
             model.zero_grad(set_to_none=True)
     if rank == 0:
         with open(os.path.join(tmp, "out.txt"), "w") as f:
-            f.write(repr({k: statistics.median(v) for k, v in times.items()}))
+            f.write(repr({**{k: statistics.median(v) for k, v in times.items()}, "HF err": hf_err}))
     dist.destroy_process_group()
 
 
@@ -63,17 +72,18 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+    print(f"machine: {machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"gloo, 1 thread per rank; Llama d256 x 4 layers, batch {args.batch} x seq {args.seq}, fp32, "
           f"median of {args.reps} interleaved steps")
-    print(f"{'N':>2} {'autotp ms':>10} {'hand-written ms':>16} {'ratio':>6}")
+    print(f"{'N':>2} {'autotp ms':>10} {'hand-written ms':>16} {'HF tp_plan ms':>14} {'autotp/hand':>12} "
+          f"{'autotp/HF':>10} {'HF err':>8}")
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
             mp.start_processes(_worker, args=(world, tmp, args.reps, args.batch, args.seq), nprocs=world,
                                start_method="spawn")
             res = eval(open(os.path.join(tmp, "out.txt")).read())
-        a, h = res["autotp"] * 1e3, res["hand-written"] * 1e3
-        print(f"{world:>2} {a:>10.1f} {h:>16.1f} {a / h:>6.2f}")
+        a, h, f = (res[name] * 1e3 for name in PLANS)
+        print(f"{world:>2} {a:>10.1f} {h:>16.1f} {f:>14.1f} {a / h:>12.2f} {a / f:>10.2f} {res['HF err']:>8.1e}")
 
 
 if __name__ == "__main__":
