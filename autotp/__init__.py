@@ -2,6 +2,7 @@
 
     pmodel = autotp.parallelize(model, example_inputs=(ids,))    # inside torchrun
     plan = autotp.plan(model, example_inputs=(ids,), world_size=8)  # no process group needed
+    out = autotp.generate(pmodel, prompt, max_new_tokens=16)      # greedy, KV cache split by heads
 
 The public API is this module; everything else may change.
 """
@@ -16,17 +17,18 @@ from autotp.checkpoint import full_state_dict, init_empty_weights, load_checkpoi
 from autotp.placement import Partial, Replicate, Shard, fmt
 from autotp.plan import Plan, make_plan
 from autotp.runtime import DEFAULT_TIMEOUT, ParallelModule, tp_mesh
+from autotp.generation import generate
 from autotp.passes.context import AutoTPError
 from autotp.passes.rules import Strategy, register_rule
 
-__all__ = ["parallelize", "plan", "Plan", "ParallelModule", "AutoTPError", "register_rule", "Strategy",
+__all__ = ["parallelize", "plan", "generate", "Plan", "ParallelModule", "AutoTPError", "register_rule", "Strategy",
            "Shard", "Replicate", "Partial", "fmt", "init_empty_weights", "load_checkpoint", "full_state_dict"]
 __version__ = "0.1.0"
 
 
 def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, world_size: int,
          strict: bool = False, link="nvlink-h100", overrides: dict | None = None, training: bool = True,
-         sharded_outputs: bool = False, dump=None) -> Plan:
+         sharded_outputs: bool = False, sequence_parallel: bool = False, dump=None) -> Plan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks, in this one process.
 
     Needs no process group and no weights: a model on the meta device plans the same way.
@@ -34,13 +36,15 @@ def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None 
     ``strict`` makes an op with no sharding rule an error instead of running replicated.
     """
     return make_plan(model, example_inputs, example_kwargs, world_size=world_size, strict=strict, link=link,
-                     overrides=overrides, training=training, sharded_outputs=sharded_outputs, dump=dump)
+                     overrides=overrides, training=training, sharded_outputs=sharded_outputs,
+                     sequence_parallel=sequence_parallel, dump=dump)
 
 
 def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mesh=None,
                 strict: bool = False, link="nvlink-h100", overrides: dict | None = None,
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                check_plan: bool = True, check_inputs: bool = False, dump=None) -> ParallelModule:
+                check_plan: bool = True, check_inputs: bool = False, sequence_parallel: bool = False,
+                dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
@@ -51,12 +55,16 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     ``timeout`` bounds every collective when autotp starts the process group itself.
     ``dump="dir"`` (or ``AUTOTP_DUMP=dir``) writes every pass's graph as text and SVG.
     ``check_inputs=True`` (debug) checks on every call that all ranks pass the same inputs.
+    ``sequence_parallel=True`` minimises activation memory before communication time: the
+    norms and residual adds between sharded matmuls are split along the sequence (Megatron-SP;
+    same bytes, each all-reduce becomes a reduce-scatter + all-gather); the sequence length
+    must then divide by the world size.
     """
     mesh = tp_mesh(mesh, timeout)
     rank0 = dist.get_rank() == 0
     p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
                   overrides=overrides, training=True, sharded_outputs=sharded_outputs,
-                  dump=dump if rank0 else False)
+                  sequence_parallel=sequence_parallel, dump=dump if rank0 else False)
     if check_plan and mesh.size() > 1:
         _check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs)

@@ -231,13 +231,35 @@ def _new(graph: fx.Graph, like: fx.Node, target, args) -> fx.Node:
     return node
 
 
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
 def _split_bias(graph: fx.Graph, node: fx.Node, matmul, x: fx.Node, w: fx.Node, b: fx.Node) -> None:
-    """Replace ``node`` (a matmul with a fused bias) by ``add(matmul(x, w), b)``."""
+    """Replace ``node`` (a matmul with a fused bias) by ``add(matmul(x, w), b)``.
+
+    A 2-D ``addmm`` reshaped back to (batch, seq, d) (GPT-2's Conv1D) becomes
+    ``add(view(mm(x, w)), b)``: the bias is added after the reshape, so a row-parallel partial
+    sum can be reduce-scattered along the sequence before it (sequence parallelism) — the
+    flattened (batch*seq) rows hold no sequence shard."""
+    users = list(node.users)
+    reshape = users[0] if len(users) == 1 and users[0].target in _RESHAPES else None
+    bias = b.meta.get("val")
+    if reshape is not None and not (isinstance(bias, torch.Tensor) and bias.ndim == 1
+                                    and reshape.meta["val"].shape[-1] == node.meta["val"].shape[-1]):
+        reshape = None
     with graph.inserting_before(node):
         product = _new(graph, node, matmul, (x, w))
-        out = _new(graph, node, aten.add.Tensor, (product, b))
-    node.replace_all_uses_with(out)
+    if reshape is None:
+        with graph.inserting_before(node):
+            out = _new(graph, node, aten.add.Tensor, (product, b))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        return
+    reshape.replace_input_with(node, product)
     graph.erase_node(node)
+    with graph.inserting_after(reshape):
+        out = _new(graph, reshape, aten.add.Tensor, (reshape, b))
+    reshape.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:

@@ -15,6 +15,8 @@ function               forward                      backward
 ``all_reduce``  (g)    P -> R   all-reduce          identity
 ``reduce_grad`` (f)    R -> R   identity            all-reduce
 ``all_gather``         S -> R   all-gather          keep own chunk
+``all_gather_rs``      S -> R   all-gather          reduce-scatter  (for sharded consumers: their
+                                                    gradient is a partial sum; Megatron-SP's gather)
 ``scatter``            R -> S   keep own chunk      all-gather
 ``reduce_scatter``     P -> S   reduce-scatter      all-gather
 ``all_to_all``         S(a)->S(b) all-to-all        all-to-all back
@@ -52,7 +54,7 @@ def _ag(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
         rest = xm.shape[1:]
         b = xm.shape[0] // factor
         g = g.reshape(n, factor, b, *rest).transpose(0, 1).reshape(n * factor * b, *rest)
-    return g.movedim(0, dim)
+    return g.movedim(0, dim).contiguous()     # consumers may .view() it
 
 
 def _rs(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
@@ -63,7 +65,7 @@ def _rs(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
         b = xm.shape[0] // (factor * n)
         xm = xm.reshape(factor, n, b, *rest).transpose(0, 1).reshape(n * factor * b, *rest)
     out = _wait(_c10d.reduce_scatter_tensor(xm.contiguous(), "sum", n, _group_name(group)))
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()
 
 
 def _chunk(x: torch.Tensor, dim: int, factor: int, n: int, r: int) -> torch.Tensor:
@@ -114,6 +116,17 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return _chunk(g, *ctx.args), None, None, None, None, None
+
+
+class _AllGatherRS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, factor, group, world, rank):
+        ctx.args = (dim, factor, group, world)
+        return _ag(x, dim, factor, group, world)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _rs(g, *ctx.args), None, None, None, None, None
 
 
 class _Scatter(torch.autograd.Function):
@@ -170,6 +183,13 @@ def all_gather(x: torch.Tensor, dim: int, factor: int, group: str, world: int, r
     return _AllGather.apply(x, dim, factor, group, world, rank)
 
 
+def all_gather_rs(x: torch.Tensor, dim: int, factor: int, group: str, world: int, rank: int) -> torch.Tensor:
+    """S(dim) -> R for consumers that shard something else (a column-parallel matmul): their
+    gradients are partial sums, so the backward reduce-scatters them — ``all_gather`` followed
+    by ``reduce_grad`` in one collective each way, at half the backward bytes."""
+    return _AllGatherRS.apply(x, dim, factor, group, world, rank)
+
+
 def scatter(x: torch.Tensor, dim: int, factor: int, group: str, world: int, rank: int) -> torch.Tensor:
     """R -> S(dim): own chunk forward (no communication), all-gather backward."""
     return _Scatter.apply(x, dim, factor, group, world, rank)
@@ -185,4 +205,4 @@ def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group: str, world: i
     return _AllToAll.apply(x, src_dim, dst_dim, group, world, rank)
 
 
-COLLECTIVES = (all_reduce, reduce_grad, all_gather, scatter, reduce_scatter, all_to_all)
+COLLECTIVES = (all_reduce, reduce_grad, all_gather, all_gather_rs, scatter, reduce_scatter, all_to_all)

@@ -139,6 +139,33 @@ class Plan:
                 out.append(sympy.Integer(s))
         return tuple(out)
 
+    def activation_mib(self) -> float:
+        """Activation memory per rank (MiB) at the planning batch and sequence: every tensor the
+        forward allocates that backward may keep, 1/N of it where the plan shards it.  What
+        ``sequence_parallel=True`` minimises."""
+        from autotp.passes.solve import activation_mib
+        return activation_mib(self.gm, self.ctx)
+
+    def size_divisors(self) -> list[tuple]:
+        """``(size expression, divisor, node, placement)`` for every tensor the plan splits along a
+        symbolic dim (sequence parallelism splits ``seq``): at run time that size must divide by
+        ``N x factor``, or the shards would be uneven."""
+        out, seen = [], set()
+        for node in self.gm.graph.nodes:
+            placements = node.meta.get("autotp", {}).get("placement")
+            v = node.meta.get("val")
+            vs, ps = (v, placements) if isinstance(placements, tuple) else ((v,), (placements,))
+            for t, p in zip(vs, ps):
+                if not (isinstance(t, torch.Tensor) and p is not None and is_shard(p) and p.dim < t.ndim):
+                    continue
+                size = t.shape[p.dim]
+                if isinstance(size, torch.SymInt) and size.node.expr.free_symbols:
+                    key = (size.node.expr, self.world * split_factor(p))
+                    if key not in seen:
+                        seen.add(key)
+                        out.append((*key, node, p))
+        return out
+
     def counts(self) -> dict:
         """{'forward': Counter(kind), 'backward': Counter(kind), 'per_layer_forward': {layer: Counter}}"""
         fwd, bwd, per_layer = collections.Counter(), collections.Counter(), collections.defaultdict(collections.Counter)
@@ -349,7 +376,11 @@ def _expand_overrides(overrides: dict | None, names: list[str]) -> dict[str, Pla
 def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, world_size: int,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
               sharded_outputs: bool = False, dynamic: bool = True, plan_batch: int = 4,
-              plan_seq: int = 2048, dump=None) -> Plan:
+              plan_seq: int = 2048, sequence_parallel: bool = False, carried_state: dict | None = None,
+              dump=None) -> Plan:
+    """``carried_state``: {output index: input index} (positions among the flattened tensor outputs
+    and user inputs) for outputs that are the next value of an input, e.g. a KV cache
+    (``autotp.generate``): such an input may be sharded and its output keeps its placement."""
     if world_size < 1:
         raise AutoTPError(f"world_size must be >= 1, got {world_size}")
     if not isinstance(example_inputs, (tuple, list)):
@@ -372,7 +403,10 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
     plan_sizes = {sym: sympy.Integer(sizes[str(name)]) for sym, name in captured.symbols.items()}
     ctx = PassContext(world=world_size, strict=strict, link=link, training=training,
                       sharded_outputs=sharded_outputs, pins=canonical_pins, params=captured.params,
-                      buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes)
+                      buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes,
+                      size_names={sym: str(name) for sym, name in captured.symbols.items()},
+                      sequence_parallel=sequence_parallel)
+    ctx.state_outputs = {o: captured.user_inputs[i] for o, i in (carried_state or {}).items()}
     from autotp.runtime import _static
     for node in captured.gm.graph.nodes:
         v = node.meta.get("val")

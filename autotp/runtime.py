@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 
+import sympy
 import torch
 import torch.distributed as dist
 import torch.fx as fx
@@ -18,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 
-from autotp.placement import R, local_chunk
+from autotp.placement import R, fmt, local_chunk
 from autotp.plan import Plan
 from autotp.passes.context import AutoTPError
 
@@ -73,11 +74,13 @@ class ParallelModule(nn.Module):
         rank, world = mesh.get_local_rank(), mesh.size()
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "mesh", mesh)
+        object.__setattr__(self, "source_model", model)   # its module code: generate() plans a decode step
         group = mesh.get_group().group_name
         object.__setattr__(self, "graph_module", plan.rewritten(rank, group))
         _retarget_meta(self.graph_module, _mesh_device(mesh))
         self._shard_parameters(model, rank, world)
         self._feeds = self._input_feeds()
+        self._divisors = plan.size_divisors()
 
     def _shard_parameters(self, model: nn.Module, rank: int, world: int) -> None:
         placements = self.plan.placements
@@ -146,6 +149,12 @@ class ParallelModule(nn.Module):
             outs = [self._as_dtensor(o, n) for o, n in zip(outs, self._output_nodes())]
         return pytree.tree_unflatten(list(outs), self.plan.captured.out_spec)
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """Greedy generation with a KV cache split by heads like k and v (``autotp.generate``):
+        the same tokens as the unsharded model's ``generate(..., do_sample=False)``."""
+        from autotp.generation import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     def expert_load(self, *args, **kwargs) -> list[dict]:
         """Load balance of one batch: for every MoE layer, tokens routed to each expert and to
         each rank (experts split E/N per rank under expert parallelism).  Runs one forward
@@ -181,14 +190,46 @@ class ParallelModule(nn.Module):
         for feed in self._feeds:
             kind = feed[0]
             if kind == "param":
-                inputs.append(getattr(feed[1], feed[2]).to_local())
+                p = getattr(feed[1], feed[2])
+                if p.device_mesh.ndim > 1:          # FSDP2's sharded (dp, tp) parameter, not unsharded
+                    raise self._still_sharded(feed[1], feed[2], p)
+                inputs.append(p.to_local())
             elif kind == "buffer":
                 inputs.append(getattr(feed[1], feed[2]))
             elif kind == "const":
                 inputs.append(feed[1])
             else:
                 inputs.append(_check_input(flat[feed[1]], feed[2], sizes, self.plan.captured.pinned))
+        if self._divisors:
+            self._check_divisible(sizes)
         return inputs
+
+    def _check_divisible(self, sizes: dict) -> None:
+        """Sizes the plan splits (the sequence, under sequence parallelism) must divide evenly."""
+        values = {}
+        for node in self.graph_module.graph.nodes:
+            want = node.meta.get("val") if node.op == "placeholder" else None
+            if isinstance(want, torch.Tensor):
+                for size in want.shape:
+                    if isinstance(size, torch.SymInt) and str(size.node.expr) in sizes:
+                        values[size.node.expr] = sympy.Integer(sizes[str(size.node.expr)][0])
+        for expr, divisor, node, p in self._divisors:
+            n = expr.xreplace(values)
+            if n.is_number and int(n) % divisor:
+                name = str(expr.xreplace(self.plan.captured.symbols))
+                raise AutoTPError(f"{name} = {int(n)} does not divide by {divisor}: the plan splits it "
+                                  f"{fmt(p)} over {self.mesh.size()} ranks (node `{node.name}`{_where(node)}); "
+                                  f"pad the input to a multiple of {divisor}, or plan without "
+                                  f"sequence_parallel")
+
+    def _still_sharded(self, owner: nn.Module, attr: str, p) -> AutoTPError:
+        name = next(n for n, m in self.named_modules() if m is owner)
+        name = f"{name}.{attr}" if name else attr
+        return AutoTPError(f"parameter `{name}` is still sharded over the mesh {p.device_mesh.mesh_dim_names} "
+                           f"({p.placements}) when the graph runs: FSDP2 did not unshard it.  autotp runs the whole "
+                           f"model as one graph, so the forward hooks of a submodule given to fully_shard (a decoder "
+                           f"layer) never fire.  Apply fully_shard to the parallel model as one unit: "
+                           f"fully_shard(pmodel, mesh=mesh['dp']) (docs/fsdp2.md)")
 
     def _check_same_inputs(self, flat: list) -> None:
         """Debug mode: every rank must pass the same inputs (one small all-gather per call)."""
@@ -222,6 +263,12 @@ class ParallelModule(nn.Module):
         if not isinstance(t, torch.Tensor) or p is None:
             return t
         return DTensor.from_local(t, self.mesh, [p], run_check=False)   # even shards: shape inferred
+
+
+def _where(node: fx.Node) -> str:
+    from autotp.passes.context import module_path
+    path = module_path(node)
+    return f" in `{path}`" if path else ""
 
 
 def _mesh_device(mesh: DeviceMesh) -> torch.device:

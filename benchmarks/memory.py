@@ -1,6 +1,14 @@
-"""Per-rank memory when loading a checkpoint: each rank reads only its slices.
+"""Per-rank memory: loading a checkpoint (each rank reads only its slices), and a training
+step's parameters, gradients and activations with and without sequence parallelism.
 
-    python benchmarks/memory.py [--worlds 2 4] [--hidden 1024 --layers 8]
+    python benchmarks/memory.py [--worlds 2 4] [--hidden 1024 --layers 8] [--skip-load] [--skip-step]
+
+Second table (``--skip-load`` runs only it): a small Llama (d256, 4 layers, batch 4 x seq 256,
+fp32) on N = 1, 2, 4 gloo ranks, plain tensor parallelism and ``sequence_parallel=True``.
+Parameters and gradients are measured from the local shards after one backward; activations are
+the bytes autograd saves for backward during the forward (``saved_tensors_hooks``, each storage
+counted once), next to ``Plan.activation_mib()`` — the solver's proxy, which counts every tensor
+the forward allocates in the autograd graph, so it is an upper bound; compare the SP/TP ratios.
 
 Saves a Llama checkpoint (sharded safetensors, ~670 MB fp32 at the defaults), then on N gloo
 ranks: builds the model on the meta device, parallelises it, loads the checkpoint with
@@ -51,16 +59,90 @@ def _worker(rank, world, tmp, cfg):
     dist.destroy_process_group()
 
 
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def _step_worker(rank, world, tmp, cfg, batch, seq):
+    import autotp
+    from autotp.plan import make_plan
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, f"step{world}"), world), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    rows = []
+    for sp in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+        ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+        predicted = make_plan(model, (ids,), world_size=world, sequence_parallel=sp, plan_batch=batch,
+                              plan_seq=seq, dump=False).activation_mib()
+        pmodel = autotp.parallelize(model, (ids,), sequence_parallel=sp)
+        out, saved = _saved_bytes(lambda: pmodel(ids).logits)
+        out.float().logsumexp(-1).mean().backward()
+        params = sum(p.to_local().numel() * p.to_local().element_size() for p in pmodel.parameters())
+        grads = sum(p.grad.to_local().numel() * p.grad.to_local().element_size() for p in pmodel.parameters()
+                    if p.grad is not None)
+        rows.append((sp, params, grads, saved, predicted * 2**20))
+    if rank == 0:
+        with open(os.path.join(tmp, f"step{world}.txt"), "w") as f:
+            f.write(repr(rows))
+    dist.destroy_process_group()
+
+
+def step_table(worlds, tmp) -> None:
+    cfg = dict(model_type="llama", vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=4)
+    batch, seq = 4, 256
+    print(f"\nTraining step, Llama d256 x 4 layers (8 heads, 4 kv), vocab 8000, batch {batch} x seq {seq}, fp32; "
+          f"rank 0; MB = 1e6 bytes")
+    print(f"{'N':>2} {'plan':>8} {'params MB':>10} {'grads MB':>9} {'saved acts MB':>14} {'predicted MB':>13} "
+          f"{'vs N=1 TP':>13}")
+    base = None                                   # saved activations of plain TP at the smallest N
+    for world in worlds:
+        mp.start_processes(_step_worker, args=(world, tmp, cfg, batch, seq), nprocs=world, start_method="spawn")
+        for sp, params, grads, saved, predicted in eval(open(os.path.join(tmp, f"step{world}.txt")).read()):
+            base = base or saved
+            print(f"{world:>2} {'TP+SP' if sp else 'TP':>8} {params / 1e6:>10.2f} {grads / 1e6:>9.2f} "
+                  f"{saved / 1e6:>14.2f} {predicted / 1e6:>13.2f} {saved / base:>13.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--skip-load", action="store_true", help="only the training-step table")
+    ap.add_argument("--skip-step", action="store_true", help="only the checkpoint-loading table")
     args = ap.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = dict(model_type="llama", vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=8)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    if not args.skip_step:
+        with tempfile.TemporaryDirectory() as tmp:
+            step_table(sorted({1, *args.worlds}), tmp)
+    if args.skip_load:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
         model.save_pretrained(os.path.join(tmp, "ckpt"), max_shard_size="200MB")

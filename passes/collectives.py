@@ -91,7 +91,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if ctx.sharded_outputs:
                 continue
             for i, t in enumerate(tensor_inputs(node)):
-                if _placement(t) not in (None, R):
+                if _placement(t) not in (None, R) and i not in ctx.state_outputs:   # carried state stays put
                     _replace_input(node, i, redistributed(t, R, node))
             continue
         strategy = info.get("strategy")
@@ -107,9 +107,36 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 src = grad_reduced(src, node)
             if src is not t:
                 _replace_input(node, i, src)
+    _fuse_gather_and_grad_reduce(graph)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
+    """``all_gather`` whose only user is ``reduce_grad`` (directly or through a chain of
+    single-user reshapes, which commute with both): the gathered tensor feeds sharded ops only,
+    so its gradient is a partial sum of the full tensor and the gather's backward can
+    reduce-scatter it straight into the shard (``comm.all_gather_rs``) instead of all-reducing
+    the whole tensor and keeping a chunk.  Half the backward bytes; what Megatron-SP does."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not comm.reduce_grad:
+            continue
+        gather = node.args[0]
+        while isinstance(gather, fx.Node) and gather.target in _RESHAPES and len(gather.users) == 1:
+            gather = gather.args[0]
+        if not (isinstance(gather, fx.Node) and gather.target is comm.all_gather and len(gather.users) == 1):
+            continue
+        info = gather.meta["autotp"]
+        gather.target = comm.all_gather_rs
+        info.update(collective="all_gather_rs", backward="reduce_scatter",
+                    reason=info["reason"] + "; its consumers are sharded, so the gradient is reduce-scattered")
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+
+
+_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+             torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.flatten.using_ints)
 
 
 def _carries_grad(t: fx.Node) -> bool:

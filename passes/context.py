@@ -75,6 +75,12 @@ class PassContext:
         instead of replicating them.
     pins: parameter name -> placement the user fixed (``overrides=``).
     plan_sizes: size symbol -> value at which the solver weighs communication.
+    size_names: size symbol -> "batch" / "seq".
+    sequence_parallel: after weight memory, minimise activation memory per rank (Megatron-SP:
+        the regions between sharded matmuls split along the sequence) before communication time.
+    state_outputs: output slot (index among the graph's tensor outputs) -> placeholder name of the
+        user input it is the new value of (a KV cache carried from step to step): that input may
+        be sharded, and the output keeps exactly its placement, never communicated.
     """
     world: int
     rank: int = 0
@@ -92,6 +98,9 @@ class PassContext:
     # the sizes costs are evaluated at: export's size symbols -> planning values (batch 4,
     # sequence 2048 by default: a training shape, not the tiny example used for tracing)
     plan_sizes: dict = dataclasses.field(default_factory=dict)
+    size_names: dict = dataclasses.field(default_factory=dict)
+    sequence_parallel: bool = False
+    state_outputs: dict = dataclasses.field(default_factory=dict)
 
     def note(self, text: str) -> None:
         if text not in self.notes:

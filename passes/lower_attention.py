@@ -22,6 +22,12 @@ Runs after ``localize``, on the rewritten graph of one rank.  Three forms are re
   are never materialised — when the repeat nodes feed only the attention and the local heads line
   up (k and v split like q, or a single replicated kv head).
 
+A mask computed from the input *sizes* only (Hugging Face's ``sdpa_mask`` with no
+``attention_mask`` given: arange, cumsum, index and compare ops on positions) becomes
+``is_causal=True`` when it is exactly the causal mask — checked by evaluating its subgraph at
+several (batch, seq) sizes — so the fused kernels (flash-attn, the Triton kernel) that take no
+mask can run.  A mask that reads any tensor input (a padding ``attention_mask``) stays.
+
 New nodes get the replaced node's ``stack_trace``/``nn_module_stack``, ``meta["val"]`` and
 ``meta["autotp_val"]``, and ``meta["autotp"] = {"placement", "lowered": backend}``; the pass ends
 with localize's shape check.  What stays, and why, goes to ``ctx.notes``.  ``ctx.lower_attention
@@ -95,6 +101,7 @@ def lower_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     kept: dict[str, list[fx.Node]] = collections.defaultdict(list)      # reason -> attentions
     backends: collections.Counter = collections.Counter()
+    causal = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or getattr(node, "_erased", False):
             continue
@@ -106,6 +113,9 @@ def lower_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         if isinstance(found, _Attention):
             found = _check_placements(found)
+        if isinstance(found, _Attention) and _is_size_only_causal(gm, found, ctx):
+            found.attn_mask, found.terms, found.is_causal = None, [], True
+            causal += 1
         if isinstance(found, str):
             kept[found].append(node)
         elif found is not None:
@@ -116,11 +126,97 @@ def lower_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if backends:
         lowered = ", ".join(f"{n}x {b}" for b, n in sorted(backends.items()))
         ctx.note(f"attention lowered to autotp.attention: {lowered}")
+    if causal:
+        ctx.note(f"{causal} attention mask(s) built from the sequence length alone are the causal mask: "
+                 f"is_causal=True (the fused kernels take no mask)")
+        gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     if backends:
         check_local_shapes(gm, ctx.world)
     return gm
+
+
+# ---------------------------------------------------------------- size-only causal masks
+
+_PROBE_SIZES = ((2, 2), (1, 3), (3, 7), (2, 16), (1, 33))     # (batch, seq) the mask is checked at
+
+
+def _is_size_only_causal(gm: fx.GraphModule, found: "_Attention", ctx: PassContext) -> bool:
+    """Whether ``found.attn_mask`` depends on nothing but the batch and sequence sizes and
+    equals the causal mask (bool ``tril``, or 0 / -inf additive) at every probe size, with
+    queries and keys of the same length.  A chain's single ``where`` term counts too (its
+    condition keeps, or drops, exactly the causal positions; the fill is -inf or the minimum)."""
+    invert = False
+    if found.is_causal:
+        return False
+    if found.attn_mask is not None and not found.terms:
+        mask = found.attn_mask
+    elif found.attn_mask is None and len(found.terms) == 1:
+        mask, invert = found.terms[0].node, found.terms[0].kind == "drop"
+    else:
+        return False
+    qv, kv = found.q.meta.get("val"), found.k.meta.get("val")
+    if not (isinstance(qv, torch.Tensor) and isinstance(kv, torch.Tensor)) or \
+            str(qv.shape[-2]) != str(kv.shape[-2]):
+        return False
+    sub, leaves, stack = set(), [], [mask]
+    while stack:                                   # the mask's ancestors, stopping at sizes
+        n = stack.pop()
+        if n in sub:
+            continue
+        sub.add(n)
+        if n.op == "call_function" and n.target == aten.sym_size.int:
+            leaves.append(n)
+        elif n.op == "call_function":
+            stack.extend(n.all_input_nodes)
+        elif n.op != "get_attr":
+            return False                           # a placeholder: the mask reads tensor data
+    names = {}
+    for leaf in leaves:
+        size = leaf.meta.get("val")
+        if not isinstance(size, torch.SymInt):
+            return False
+        for sym in size.node.expr.free_symbols:
+            names[sym] = ctx.size_names.get(sym)
+    if not names or not set(names.values()) <= {"batch", "seq"}:
+        return False
+    graph, env = fx.Graph(), {}
+    order = [n for n in gm.graph.nodes if n in sub]
+    cpu = torch.device("cpu")
+    for n in order:
+        if n in leaves:
+            env[n] = graph.placeholder(n.name)
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            env[n].args, env[n].kwargs = _on_cpu((env[n].args, env[n].kwargs), cpu)
+    graph.output(env[mask])
+    probe = fx.GraphModule(gm, graph)
+    for b, s in _PROBE_SIZES:
+        values = {sym: b if name == "batch" else s for sym, name in names.items()}
+        try:
+            m = probe(*[int(leaf.meta["val"].node.expr.xreplace(values)) for leaf in order if leaf in leaves])
+        except Exception:  # noqa: BLE001 — a mask that cannot be evaluated is kept as it is
+            return False
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        if not isinstance(m, torch.Tensor) or m.shape[-2:] != (s, s):
+            return False
+        if invert:
+            ok = m.dtype == torch.bool and bool((~m == causal).all())
+        elif m.dtype == torch.bool:
+            ok = bool((m == causal).all())
+        elif m.is_floating_point():
+            ok = bool(((m == 0) == causal).all()) and bool((m[..., ~causal] <= torch.finfo(m.dtype).min).all())
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _on_cpu(tree, cpu):
+    from torch.utils import _pytree as pytree
+    return pytree.tree_map(lambda a: cpu if isinstance(a, torch.device) else a, tree)
 
 
 # ---------------------------------------------------------------- matching

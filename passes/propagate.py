@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from autotp.passes.context import AutoTPError, PassContext, where
 from autotp.passes.rules import RuleContext, Strategy, find_rule, replicate_strategy, tensor_inputs, val
-from autotp.placement import R, S, can_shard
+from autotp.placement import R, S, can_shard, is_shard
 
 aten = torch.ops.aten
 
@@ -66,17 +66,57 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                 if any(p != R for a in tensor_inputs(node) for p in candidates.get(a, ())):
                     unknown.setdefault(str(node.target), []).append(node)
             else:
-                strategies = rule(node, rctx)
+                strategies = [s for s in rule(node, rctx) if not _splits_batch(node, s, ctx)]
         else:
             continue
         meta(node)["strategies"] = strategies
         outs = set()
         for s in strategies:
             outs |= set(s.output) if isinstance(s.output, tuple) else {s.output}
-        candidates[node] = {p for p in outs if p is not None}
+        candidates[node] = {p for p in outs if p is not None} | _sequence_shards(node, ctx)
     _report_unknown(unknown, ctx)
     _report_dropout(gm, ctx)
     return gm
+
+
+def _batch_dims(node: fx.Node, ctx: PassContext) -> list:
+    """Per tensor (output(s), then inputs): the dims whose size is the batch symbol alone."""
+    def dims(v):
+        if not isinstance(v, torch.Tensor):
+            return set()
+        return {d for d, size in enumerate(v.shape) if isinstance(size, torch.SymInt)
+                and {ctx.size_names.get(s) for s in size.node.expr.free_symbols} == {"batch"}}
+    return dims
+
+
+def _splits_batch(node: fx.Node, s: Strategy, ctx: PassContext) -> bool:
+    """A strategy that splits the batch dim: valid, but batch belongs to data parallelism — it
+    may be 1 or odd at run time, where the plan would then fail.  Tensor parallelism splits
+    weights, heads and (with ``sequence_parallel``) the sequence, never the batch."""
+    if not ctx.size_names:
+        return False
+    dims = _batch_dims(node, ctx)
+    v = node.meta.get("val")
+    outs = list(zip(v, s.output)) if isinstance(s.output, tuple) and isinstance(v, (tuple, list)) else [(v, s.output)]
+    ins = list(zip([a.meta.get("val") for a in tensor_inputs(node)], s.inputs))
+    return any(p is not None and is_shard(p) and p.dim % max(t.ndim, 1) in dims(t)
+               for t, p in outs + ins if isinstance(t, torch.Tensor))
+
+
+def _sequence_shards(node: fx.Node, ctx: PassContext) -> set:
+    """With ``sequence_parallel``, any floating activation may be split along its sequence dim
+    (a reduce-scatter, all-to-all or local chunk gets it there): offering ``S(seq)`` as a
+    candidate lets the ops downstream enumerate sequence-sharded strategies."""
+    v = node.meta.get("val")
+    if not ctx.sequence_parallel or node.op == "placeholder" or not isinstance(v, torch.Tensor) \
+            or not v.is_floating_point():
+        return set()
+    out = set()
+    for d, size in enumerate(v.shape):
+        if isinstance(size, torch.SymInt) and ctx.size_names.get(size.node.expr) == "seq" \
+                and can_shard(val(node).shape[d], 1, ctx.world):
+            out.add(S(d))
+    return out
 
 
 def _report_dropout(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -109,6 +149,8 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors) -> list[St
     v = val(node)
     if not isinstance(v, torch.Tensor):
         return []
+    if node.name in ctx.state_outputs.values():
+        return state_input_strategies(node, ctx)
     name = ctx.params.get(node.name)
     if name is None or not v.is_floating_point():
         return [Strategy((), R)]
@@ -119,4 +161,17 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors) -> list[St
         for f in factors:
             if can_shard(v.shape[d], f, ctx.world):
                 options.append(Strategy((), S(d, f)))
+    return options
+
+
+def state_input_strategies(node: fx.Node, ctx: PassContext) -> list[Strategy]:
+    """A user input carried from call to call (``ctx.state_outputs``, a KV cache): replicated,
+    or split on any fixed-size dim that divides (the heads of a cache).  Symbolic dims (batch,
+    cache length) are not split: their local size would depend on the call."""
+    options = [Strategy((), R)]
+    for d, size in enumerate(node.meta["val"].shape):
+        if isinstance(size, torch.SymInt) and size.node.expr.is_number:
+            size = int(size.node.expr)
+        if isinstance(size, int) and can_shard(size, 1, ctx.world):
+            options.append(Strategy((), S(d)))
     return options

@@ -18,12 +18,22 @@ Constraints
                whenever q != p: tensor parallelism moves activations, never weights
     (f)        z[t] >= sum of y[v,k] over strategies k of consumer v that take t replicated
                while sharding something else (their gradient for t is a partial sum)
+    (outputs)  graph outputs are R (unless ``sharded_outputs``), except carried state (a KV
+               cache, ``ctx.state_outputs``): X[out,q] = X[in,q], its input's placement, no move
 
 Objective, lexicographic
     1. memory:  minimise sum_k y[w,k] * bytes(w) / (N if k shards w else 1) over weight
        matrices w (parameters with >= 2 dims and >= 1/10 of the median matrix)
+   (1b. activations, only with ``sequence_parallel``: minimise the bytes of every floating
+       activation per rank, sum_k y[v,k] * bytes(v) / (N if k shards v's output else 1), plus
+       the outputs of the redistributions r, with weight memory held at its optimum.  On a
+       decoder this is Megatron-SP: norms and residual adds sharded along the sequence, each
+       all-reduce split into a reduce-scatter and an all-gather.)
     2. time:    minimise sum r[t,q,p] * T(q->p, t) + sum z[t] * T_allreduce(t) + eps * (#sharded ops)
-       with memory held at its optimum.  Only "large" weights count in 1 (``large_weights``):
+       - sum g[t] * (T_allreduce(t) - T_reduce_scatter(t))
+       with memory held at its optimum.  g[t] <= z[t], g[t] <= [t is produced sharded]: a
+       sharded tensor all-gathered for sharded consumers needs no all-reduce of its gradient,
+       only a reduce-scatter (the fused gather's backward, ``comm.all_gather_rs``).  Only "large" weights count in 1 (``large_weights``):
        a small matrix such as a MoE router may stay replicated when splitting it would cost a
        collective per layer.  T is ``autotp.cost`` at the chosen link: forward
        collectives plus, when training, the backward ones (the transposes).
@@ -43,6 +53,7 @@ from scipy.sparse import coo_matrix
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
 from autotp.passes.context import AutoTPError, PassContext, node_layer
+from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.placement import R, is_shard, split_factor
@@ -53,12 +64,13 @@ SMALL_WEIGHT = 0.1   # matrices under this fraction of the median matrix are not
 
 class _ILP:
     def __init__(self):
-        self.cost_mem, self.cost_time, self.integral, self.ub = [], [], [], []
+        self.cost_mem, self.cost_time, self.cost_act, self.integral, self.ub = [], [], [], [], []
         self.rows, self.cols, self.data, self.lo, self.hi = [], [], [], [], []
         self.nrows = 0
 
-    def var(self, mem=0.0, t=0.0, integral=True) -> int:
-        self.cost_mem.append(mem); self.cost_time.append(t); self.integral.append(1 if integral else 0)
+    def var(self, mem=0.0, t=0.0, integral=True, act=0.0) -> int:
+        self.cost_mem.append(mem); self.cost_time.append(t); self.cost_act.append(act)
+        self.integral.append(1 if integral else 0)
         return len(self.cost_mem) - 1
 
     def row(self, coeffs: dict[int, float], lo: float, hi: float) -> None:
@@ -66,12 +78,10 @@ class _ILP:
             self.rows.append(self.nrows); self.cols.append(j); self.data.append(c)
         self.lo.append(lo); self.hi.append(hi); self.nrows += 1
 
-    def solve(self, objective: np.ndarray, extra=None):
+    def solve(self, objective: np.ndarray, extra=()):
         n = len(self.cost_mem)
         A = coo_matrix((self.data, (self.rows, self.cols)), shape=(self.nrows, n)).tocsr()
-        cons = [LinearConstraint(A, np.array(self.lo), np.array(self.hi))]
-        if extra is not None:
-            cons.append(extra)
+        cons = [LinearConstraint(A, np.array(self.lo), np.array(self.hi)), *extra]
         res = milp(objective, constraints=cons, integrality=np.array(self.integral), bounds=Bounds(0, 1),
                    options={"mip_rel_gap": 1e-9, "time_limit": 120})
         if res.x is None:
@@ -95,6 +105,10 @@ def planned_bytes(node: fx.Node, ctx: PassContext) -> float:
     v = node.meta.get("val")
     if not isinstance(v, torch.Tensor):
         return float(_bytes(val(node)))
+    return _planned(v, ctx)
+
+
+def _planned(v: torch.Tensor, ctx: PassContext) -> float:
     n = 1
     for s in v.shape:
         if isinstance(s, torch.SymInt):
@@ -107,6 +121,9 @@ def planned_bytes(node: fx.Node, ctx: PassContext) -> float:
             n *= int(s)
     return float(n * v.element_size())
 
+
+_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+             torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.flatten.using_ints)
 
 _WEIGHT_VIEWS = {"aten.transpose.int", "aten.t.default", "aten.numpy_T.default", "aten.view.default", "aten.reshape.default",
                  "aten.permute.default", "aten.to.dtype", "aten._to_copy.default", "aten.alias.default",
@@ -171,6 +188,51 @@ def tie_repeated_layers(nodes: list[fx.Node], ctx: PassContext) -> dict[fx.Node,
     return tied
 
 
+def activation_bytes(node: fx.Node, output, ctx: PassContext) -> float:
+    """MiB per rank of ``node``'s floating outputs at the planning sizes under placement(s)
+    ``output``: a shard holds 1/N, anything else (R, P, D) the whole tensor."""
+    v = node.meta.get("val")
+    vs, ps = (v, output) if isinstance(v, (tuple, list)) else ((v,), (output,))
+    if not isinstance(ps, tuple):
+        ps = (ps,) * len(vs)
+    total = 0.0
+    for t, p in zip(vs, ps):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            total += _planned(t, ctx) / (ctx.world if p is not None and is_shard(p) else 1)
+    return total / 2**20
+
+
+def is_activation(node: fx.Node, weight_like: set, carries_grad: bool) -> bool:
+    """A tensor that counts as activation memory: computed (not a weight or a view of one),
+    allocated (not a view or no-op cast), and, when training, part of the autograd graph
+    (what backward keeps alive; position tables and masks are not)."""
+    return node.op == "call_function" and node not in weight_like and carries_grad and not _aliases_input(node)
+
+
+def activation_mib(gm: fx.GraphModule, ctx: PassContext) -> float:
+    """Activation MiB per rank of a solved graph at the planning sizes (every counted tensor
+    once; an upper bound on what backward keeps, as the solver's memory level sees it)."""
+    weight_like = weights(gm, ctx)
+    total = 0.0
+    for n in gm.graph.nodes:
+        info = n.meta.get("autotp", {})
+        if "strategy" in info and is_activation(n, weight_like, info.get("grad", True)):
+            total += activation_bytes(n, info["strategy"].output, ctx)
+    return total
+
+
+def _aliases_input(node: fx.Node) -> bool:
+    """Views and no-op casts allocate nothing: they are not activation memory of their own."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        if any(r.alias_info is not None for r in target._schema.returns):
+            return True
+        if target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout):
+            src, out = val(node.args[0]) if node.args else None, val(node)
+            return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype
+    return False
+
+
 def large_weights(nodes: list[fx.Node], ctx: PassContext) -> set[fx.Node]:
     """The weights whose memory the plan minimises first: matrices (>= 2 dims) of at least a
     tenth of the median matrix size.  Vectors (norm scales, biases) and small matrices (a MoE
@@ -190,6 +252,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     grad = _needs_grad(gm, ctx) if ctx.training else set()
     weight_like = weights(gm, ctx)
     y: dict[fx.Node, list[int]] = {}
+    sp = ctx.sequence_parallel
     nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
     tied = tie_repeated_layers(nodes, ctx)
     large = large_weights(nodes, ctx)
@@ -199,14 +262,17 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         is_weight = n in large
         rep = tied.get(n)
         ids = y[rep] if rep is not None else []
+        count_act = sp and is_activation(n, weight_like, n in grad or not ctx.training)
         for k, s in enumerate(strategies):
             mem = _bytes(v) / (world if is_shard(s.output) else 1) if is_weight else 0.0
             eps = 0.0 if s.replicated else _EPS * (1 + _strided(s))
+            act = activation_bytes(n, s.output, ctx) if count_act else 0.0
             if rep is None:
-                ids.append(lp.var(mem=mem, t=eps))
+                ids.append(lp.var(mem=mem, t=eps, act=act))
             else:
                 lp.cost_mem[ids[k]] += mem
                 lp.cost_time[ids[k]] += eps
+                lp.cost_act[ids[k]] += act
         y[n] = ids
         if rep is None:
             lp.row({j: 1.0 for j in ids}, 1.0, 1.0)
@@ -237,6 +303,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return tied.get(n, n)
 
     seen_edges: set = set()
+    gathered_into: dict = {}              # reshape node -> variables "its input was gathered"
     instances: dict = {}                  # canonical tensor -> the real tensors it stands for
     unit_cost: dict = {}                  # variable id -> cost of one instance
 
@@ -254,6 +321,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if edge in seen_edges:            # a tied layer's copy of an edge: same rows, skip
             return
         seen_edges.add(edge)
+        gathers = []                      # variables "t arrives here gathered from a shard"
         have = producer_options(t)
         nbytes = planned_bytes(t, ctx)
         is_param = t in weight_like
@@ -267,10 +335,13 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 if cost is None:
                     continue
                 e[q, p] = lp.var(integral=False)
+                if is_shard(q) and p == R:
+                    gathers.append(e[q, p])
                 key = (ct, q, p)
                 if key not in redist:
+                    act = nbytes / (world if is_shard(p) else 1) / 2**20 if sp and nbytes else 0.0
                     redist[key] = lp.var(integral=False)
-                    unit_cost[redist[key]] = (ct, cost * 1e6)
+                    unit_cost[redist[key]] = (ct, cost * 1e6, act)
                 lp.row({redist[key]: 1.0, e[q, p]: -1.0}, 0.0, np.inf)
         for q, qvars in have.items():
             row = {e[q, p]: 1.0 for p in need if (q, p) in e}
@@ -285,10 +356,22 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             for j in pvars:
                 row[j] = row.get(j, 0.0) - 1.0
             lp.row(row, 0.0, 0.0)
+        if v is not None and v.target in _RESHAPES:
+            gathered_into[v] = gathers + gathered_into.get(t, [])
         if sharded_use and t in grad:
             if ct not in freduce:
-                freduce[ct] = lp.var(integral=False)
-                unit_cost[freduce[ct]] = (ct, reduce_grad_time(nbytes, world, link) * 1e6)
+                freduce[ct] = f = lp.var(integral=False)
+                unit_cost[f] = (ct, reduce_grad_time(nbytes, world, link) * 1e6, 0.0)
+                # t is produced sharded (then gathered), or is a reshape of a gathered tensor
+                sharded_in = [j for q, qvars in have.items() if is_shard(q) for j in qvars] + \
+                    gathered_into.get(t, [])
+                if sharded_in:            # gathered from a shard: the backward is a reduce-scatter
+                    g = lp.var(integral=False)
+                    saving = collective_time(ALL_REDUCE, nbytes, world, link) - \
+                        collective_time(REDUCE_SCATTER, nbytes, world, link)
+                    unit_cost[g] = (ct, -saving * 1e6, 0.0)
+                    lp.row({g: 1.0, f: -1.0}, -np.inf, 0.0)
+                    lp.row({g: 1.0, **{j: -1.0 for j in sharded_in}}, -np.inf, 0.0)
             lp.row({freduce[ct]: 1.0, **{j: -1.0 for j in sharded_use}}, 0.0, np.inf)
 
     for v in nodes:
@@ -304,18 +387,24 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     sharded.append(y[v][k])
             consume(t, need, sharded, v=v, i=i)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    carried = tie_state_outputs(lp, out_node, ctx, producer_options)
     if not ctx.sharded_outputs:
         for t in out_node.all_input_nodes:
-            if isinstance(val(t), torch.Tensor):
+            if isinstance(val(t), torch.Tensor) and t not in carried:
                 consume(t, {R: []}, [], fixed=True, i=t.name)   # outputs come back replicated
-    for j, (ct, cost) in unit_cost.items():           # every tied layer pays its own collectives
+    for j, (ct, cost, act) in unit_cost.items():      # every tied layer pays its own collectives
         lp.cost_time[j] += cost * len(instances[ct])
+        lp.cost_act[j] += act * len(instances[ct])
 
     mem = np.array(lp.cost_mem)
     x1 = lp.solve(mem)
     best_mem = float(mem @ x1)
+    keep = [LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)]
+    acost = np.array(lp.cost_act)
+    if sp:
+        best_act = float(acost @ lp.solve(acost, keep))
+        keep.append(LinearConstraint(acost.reshape(1, -1), -np.inf, best_act * (1 + 1e-7) + 1e-3))
     tcost = np.array(lp.cost_time)
-    keep = LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)
     x = lp.solve(tcost, keep)
     for n in gm.graph.nodes:
         n.meta.setdefault("autotp", {})["grad"] = n in grad or not ctx.training
@@ -334,5 +423,33 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                      f"keeps its consumers local (sizes do not divide, or an op on it has no sharding rule)")
     ctx.solver_stats = {"variables": len(lp.cost_mem), "constraints": lp.nrows,
                         "weight_bytes_per_rank": best_mem, "comm_time_us": float(tcost @ x),
+                        "activation_mib_per_rank": float(acost @ x) if sp else None,
                         "seconds": time.perf_counter() - t0}
     return gm
+
+
+def tie_state_outputs(lp: _ILP, out_node: fx.Node, ctx: PassContext, producer_options) -> set[fx.Node]:
+    """Outputs that are the new value of a carried input (``ctx.state_outputs``: a KV cache)
+    come out in exactly that input's placement, so the state never moves between steps:
+    X[out, q] = X[input, q] for every placement q (``producer_options``: q -> variables).
+    Returns those outputs; they are exempt from "outputs come back replicated"."""
+    if not ctx.state_outputs:
+        return set()
+    outs = tensor_inputs(out_node)
+    inputs = {n.name: n for n in out_node.graph.nodes if n.op == "placeholder"}
+    carried = set()
+    for slot, name in ctx.state_outputs.items():
+        t, src = outs[slot], inputs[name]
+        if not all(n.meta.get("autotp", {}).get("strategies") or "alias_of" in n.meta.get("autotp", {})
+                   for n in (t, src)):
+            continue
+        have, want = producer_options(t), producer_options(src)
+        for q in set(have) | set(want):
+            row: dict = {}
+            for j in have.get(q, []):
+                row[j] = row.get(j, 0.0) + 1.0
+            for j in want.get(q, []):
+                row[j] = row.get(j, 0.0) - 1.0
+            lp.row(row, 0.0, 0.0)
+        carried.add(t)
+    return carried

@@ -16,6 +16,7 @@ Where a rule lives:
 ``embedding.py``   embedding (vocab-parallel and hidden-parallel)
 ``attention.py``   scaled_dot_product_attention (heads / batch split)
 ``moe.py``         grouped matmul over stacked expert weights
+``indexing.py``    index_copy (a static KV cache's update)
 =================  ============================================================
 
 An op with no rule runs replicated (all inputs gathered first); the plan lists every such op
@@ -151,7 +152,7 @@ def dedupe(strategies: Iterable[Strategy]) -> list[Strategy]:
 
 
 # import the rule modules so their @register_rule calls run
-from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention, moe  # noqa: E402,F401
+from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention, moe, indexing  # noqa: E402,F401
 
 __all__ = ["Strategy", "RuleContext", "register_rule", "find_rule", "tensor_inputs", "RULES",
            "replicate_strategy", "dedupe", "val", "R", "P", "S", "D"]

@@ -13,7 +13,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, tensor_inputs, val
+from autotp.passes.rules import (RuleContext, Strategy, dedupe, register_rule, replicate_strategy, sym_val,
+                                 tensor_inputs, val)
 from autotp.placement import D, P, R, S, Placement, is_shard, split_factor
 
 aten = torch.ops.aten
@@ -40,9 +41,11 @@ def dim_groups(ishape, oshape) -> list[tuple[list[int], list[int]]]:
     return groups
 
 
-def view_placement(ishape, oshape, p: Placement, world: int) -> Placement | None:
+def view_placement(ishape, oshape, p: Placement, world: int, symbolic=()) -> Placement | None:
     """Placement of ``x.view(oshape)`` when ``x`` has placement ``p``; None if the shards
-    would not stay contiguous blocks (the view then needs the input replicated)."""
+    would not stay contiguous blocks (the view then needs the input replicated).  ``symbolic``:
+    input dims whose size varies at run time (batch, sequence); a strided factor made from one
+    would hold only at the example's size, so such views get no sharded placement."""
     if not is_shard(p):
         return p
     d, f = p.dim % len(ishape), split_factor(p)
@@ -51,10 +54,13 @@ def view_placement(ishape, oshape, p: Placement, world: int) -> Placement | None
             continue
         # flatten the group: the shard is `a` outer blocks, each split contiguously across ranks
         a = math.prod(ishape[k] for k in gi if k < d) * f
+        varies = any(k in symbolic for k in gi if k < d)
         before = 1
         for t in gj:
             if a % before == 0:
                 f_out = a // before
+                if varies and f_out != f:
+                    return None
                 n_t = oshape[t]
                 if n_t % f_out == 0 and (n_t // f_out) % world == 0 and n_t > 0:
                     return S(t, f_out)
@@ -94,8 +100,11 @@ def view_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     if node.target in (aten.view_as.default, aten.reshape_as.default):
         return [replicate_strategy(node)]
     strategies = [replicate_strategy(node)]
+    traced = sym_val(node.args[0])
+    symbolic = {k for k, size in enumerate(traced.shape) if isinstance(size, torch.SymInt)
+                and size.node.expr.free_symbols} if isinstance(traced, torch.Tensor) else set()
     for p in ctx.candidates(node.args[0]):
-        q = view_placement(list(x.shape), list(out.shape), p, ctx.world)
+        q = view_placement(list(x.shape), list(out.shape), p, ctx.world, symbolic)
         if q is not None and (p != R):
             strategies.append(Strategy((p,), q, localize=hook if is_shard(q) else None))
     return dedupe(strategies)

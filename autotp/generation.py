@@ -1,0 +1,405 @@
+"""Greedy generation with a head-sharded KV cache, for a model parallelised by autotp.
+
+    pmodel = autotp.parallelize(model, (ids,))                 # inside torchrun, as for training
+    out = autotp.generate(pmodel, prompt, max_new_tokens=32)   # == model.generate(prompt, ..., do_sample=False)
+
+How (see docs/generation.md):
+
+* **One decode-step graph, captured with the cache as explicit tensors.**  ``DecodeStep`` wraps
+  the Hugging Face model: ``(input_ids, start, key_0, value_0, ...) -> (last logits, key_0', ...)``.
+  Inside, a ``transformers`` ``Cache`` whose layers write the new keys and values functionally
+  (``cache.index_copy(1, start + arange(S), k)``) stands in for ``StaticCache``, so the export is
+  a plain function of the cache: no buffer mutation, no cache object in the graph.  Batch, the
+  number of new tokens ``S`` and the cache length are symbolic: the same graph runs the prefill
+  (``S`` = prompt length) and every decode step (``S = 1``), for any ``max_new_tokens``.
+* **The cache is planned like any activation, and carried.**  Each cache tensor is an input the
+  solver may split (on its fixed-size dims) and its new value is an output that must keep
+  exactly the input's placement (``make_plan(carried_state=...)``, ``solve.tie_state_outputs``):
+  the solver puts it where k and v already are — split by kv heads — and nothing moves it.
+* **Same weights as the forward.**  The step is planned with every parameter pinned to the
+  placement ``parallelize`` gave it, on a data-less twin of the model (``_twin``), and runs on
+  the ``ParallelModule``'s own shards: generation adds no copy of any weight.
+* **In place at run time.**  The cache writes become ``index_copy_`` on this rank's cache
+  tensors (each is read by nothing else), so a decode step allocates no new cache.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from autotp.placement import fmt, local_shape
+from autotp.passes.context import AutoTPError
+
+aten = torch.ops.aten
+
+_EXAMPLE_BATCH, _EXAMPLE_NEW, _EXAMPLE_LEN = 2, 2, 4      # tracing sizes (>= 2: export keeps them symbolic)
+
+
+# ---------------------------------------------------------------- the cache seen by the model
+def _cache_classes():
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class CarriedLayer(CacheLayerMixin):
+        """One layer's keys and values as plain tensors ``(batch, cache_len, kv_heads, head_dim)``,
+        written functionally at ``start + arange(S)``.  The layout keeps the (often small, maybe 1)
+        kv-heads dim off dims 0-1, the dims capture traces symbolically."""
+        is_compileable = True
+        is_sliding = False
+
+        def __init__(self, keys, values, start):
+            super().__init__()
+            self.keys, self.values, self.start, self.is_initialized = keys, values, start, True
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            pos = torch.arange(key_states.shape[-2], device=key_states.device) + self.start
+            self.keys = self.keys.index_copy(1, pos, key_states.transpose(1, 2))
+            self.values = self.values.index_copy(1, pos, value_states.transpose(1, 2))
+            return self.keys.transpose(1, 2), self.values.transpose(1, 2)
+
+        def get_mask_sizes(self, query_length):
+            return self.keys.shape[1], 0
+
+        def get_seq_length(self):
+            return self.start
+
+        def get_max_length(self):
+            return self.keys.shape[1]
+
+    class CarriedCache(Cache):
+        def __init__(self, tensors, start):
+            super().__init__(layers=[CarriedLayer(tensors[2 * i], tensors[2 * i + 1], start)
+                                     for i in range(len(tensors) // 2)])
+
+        def tensors(self) -> list:
+            return [t for layer in self.layers for t in (layer.keys, layer.values)]
+
+    return CarriedCache
+
+
+class DecodeStep(nn.Module):
+    """``(input_ids, start, key_0, value_0, ...) -> (logits of the last position, key_0', value_0', ...)``.
+
+    Registers the model's children as its own, so parameter names are the model's."""
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        super().__init__()
+        object.__setattr__(self, "_hf", model)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        object.__setattr__(self, "_cache_cls", _cache_classes())
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, start, *kv):
+        cache = self._cache_cls(list(kv), start)
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self._hf(input_ids=input_ids, cache=cache, use_cache=True, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return (logits[:, -1:], *cache.tensors())
+
+
+def _decode_step_class(num_layers: int):
+    """``DecodeStep`` with named cache arguments (``key_0, value_0, ...``): capture and export
+    bind dynamic shapes by parameter name."""
+    names = ["self", "input_ids", "start"] + [f"{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+    def forward(self, input_ids, start, *kv):
+        return DecodeStep.forward(self, input_ids, start, *kv)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    return type("DecodeStep", (DecodeStep,), {"forward": forward})
+
+
+# ---------------------------------------------------------------- planning
+def _twin(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``model`` to trace, with full-shape parameters (the DTensor shards are not
+    gathered) that hold no data: on the meta device, or for a CPU model uninitialised CPU
+    memory (never written; large blocks stay virtual), which keeps the code paths Hugging
+    Face picks by device (a CPU MoE's grouped matmul has no fp32 meta kernel).  On meta every
+    buffer and tensor attribute moves too.  Tied parameters stay tied."""
+    meta = device.type != "cpu"
+    memo: dict = {}
+
+    def blank(t):
+        return torch.empty(t.shape, dtype=t.dtype, device="meta" if meta else device)
+
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(blank(p), requires_grad=p.requires_grad)
+        if meta:
+            for t in [*module._buffers.values(), *vars(module).values()]:
+                if isinstance(t, torch.Tensor) and id(t) not in memo:
+                    memo[id(t)] = blank(t)
+    return copy.deepcopy(model, memo)
+
+
+def _probe_cache(twin: nn.Module, device: torch.device) -> list[tuple]:
+    """Run the twin once with a ``DynamicCache`` to see each layer's keys and values:
+    [(kv_heads, k_head_dim, v_head_dim, dtype)] per cached layer."""
+    try:
+        from transformers.cache_utils import DynamicCache
+    except ImportError as e:                      # pragma: no cover
+        raise AutoTPError("autotp.generate needs transformers (a Hugging Face causal LM)") from e
+    cache = DynamicCache()
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            twin(input_ids=ids, cache=cache, use_cache=True)
+    except TypeError as e:
+        raise AutoTPError(f"autotp.generate needs a Hugging Face causal LM whose forward takes `cache=` and "
+                          f"`use_cache=` ({type(twin).__name__}: {e})") from e
+    layers = []
+    for layer in cache.layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or k.ndim != 4:
+            raise AutoTPError(f"autotp.generate supports attention caches of (batch, heads, seq, dim) keys and "
+                              f"values; {type(twin).__name__} has a {type(layer).__name__} layer")
+        layers.append((k.shape[1], k.shape[3], v.shape[3], k.dtype))
+    if not layers:
+        raise AutoTPError(f"{type(twin).__name__} did not write to its cache: autotp.generate needs a model that "
+                          f"uses the transformers Cache API")
+    return layers
+
+
+def _unsupported_generation_options(model: nn.Module) -> list[str]:
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return []
+    nondefault = {"min_length": 0, "min_new_tokens": 0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+                  "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None,
+                  "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                  "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": 1.0,
+                  "num_beams": 1}
+    out = []
+    for key, default in nondefault.items():
+        value = getattr(gc, key, None)
+        if value is not None and value != default and value != []:
+            out.append(f"{key}={value!r}")
+    return out
+
+
+class Generator:
+    """The decode-step plan and its rank-local graph for one ``ParallelModule``.
+
+    ``plan``: the decode step's ``autotp.Plan`` (``plan.counts()``, ``plan.summary()``);
+    ``cache_placements``: the placement of each layer's keys and values;
+    ``cache_bytes(batch, length)``: (this rank's cache bytes, the unsharded cache's bytes).
+    """
+
+    def __init__(self, pmodel, trace_device: str | torch.device | None = None):
+        from autotp.plan import make_plan
+        from autotp.runtime import _mesh_device, _retarget_meta
+        source = getattr(pmodel, "source_model", None)
+        if source is None:
+            raise AutoTPError("autotp.generate takes the ParallelModule that autotp.parallelize returned")
+        self.pmodel, self.mesh = pmodel, pmodel.mesh
+        local = [p.to_local() for p in pmodel.parameters() if hasattr(p, "to_local")]
+        self.device = local[0].device if local else _mesh_device(self.mesh)
+        # trace on meta (no memory), or in place for a CPU model; ``trace_device="meta"`` forces meta
+        twin = _twin(source, torch.device(trace_device) if trace_device is not None else self.device)
+        twin.eval()
+        dev = next(twin.parameters()).device
+        layers = _probe_cache(twin, dev)
+        step = _decode_step_class(len(layers))(twin, len(layers))
+        ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_NEW, dtype=torch.long, device=dev)
+        start = torch.zeros((), dtype=torch.long, device=dev)
+        kv = [torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_LEN, h, d, dtype=dt, device=dev)
+              for h, dk, dv, dt in layers for d in (dk, dv)]
+        names = {n for n, _ in step.named_parameters()}
+        pins = {n: p for n, p in pmodel.plan.placements.items() if n in names}   # the forward's shards
+        world = self.mesh.size()
+        self.plan = make_plan(step, (ids, start, *kv), world_size=world, overrides=pins, training=False,
+                              plan_seq=1, carried_state={1 + i: 2 + i for i in range(len(kv))}, dump=False)
+        if world > 1:
+            from autotp import _check_same_plan
+            _check_same_plan(self.plan, self.mesh)
+        rank, group = self.mesh.get_local_rank(), self.mesh.get_group().group_name
+        gm = _copy(self.plan.rewritten(rank, group))
+        _retarget_meta(gm, self.device)
+        self.cache_placements = self._cache_inputs(gm)
+        _write_cache_in_place(gm, {n.name for n, _ in self.cache_placements})
+        self.gm = gm
+        self._feeds = self._input_feeds(gm)
+
+    # ---- what the graph reads
+    def _cache_inputs(self, gm: fx.GraphModule) -> list[tuple[fx.Node, object]]:
+        users = self.plan.captured.user_inputs
+        out = []
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and node.name in users[2:]:
+                out.append((node, node.meta["autotp"]["placement"]))
+        return out
+
+    def _input_feeds(self, gm: fx.GraphModule) -> list:
+        cap = self.plan.captured
+        feeds = []
+        for node in gm.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            if node.name in cap.params:
+                feeds.append(("param", _owner(self.pmodel, cap.params[node.name])))
+            elif node.name in cap.buffers:
+                feeds.append(("buffer", _owner(self.pmodel, cap.buffers[node.name])))
+            elif node.name in cap.constants:
+                c = cap.constants[node.name]
+                if isinstance(c, torch.Tensor) and c.device.type == "meta":
+                    raise AutoTPError(f"the decode step has a constant tensor `{node.name}` on the meta device; "
+                                      f"load the model's weights (autotp.load_checkpoint) before generating")
+                feeds.append(("const", c))
+            else:
+                feeds.append(("user", cap.user_inputs.index(node.name)))
+        return feeds
+
+    def _run(self, user: list) -> list:
+        inputs = []
+        for kind, what in self._feeds:
+            if kind == "param":
+                inputs.append(getattr(*what).to_local())
+            elif kind == "buffer":
+                inputs.append(getattr(*what))
+            elif kind == "const":
+                inputs.append(what)
+            else:
+                inputs.append(user[what])
+        return list(self.gm(*inputs))
+
+    # ---- the cache
+    def _local_cache_shape(self, node: fx.Node, placement, batch: int, length: int) -> list[int]:
+        shape = [batch, length, *node.meta["val"].shape[2:]]
+        shape = [int(s) for s in shape]
+        return local_shape(shape, placement, self.mesh.size())
+
+    def new_cache(self, batch: int, length: int) -> list[torch.Tensor]:
+        """This rank's cache for ``batch`` sequences of up to ``length`` tokens: zeros, split as planned."""
+        return [torch.zeros(self._local_cache_shape(n, p, batch, length), dtype=n.meta["val"].dtype, device=self.device)
+                for n, p in self.cache_placements]
+
+    def cache_bytes(self, batch: int, length: int) -> tuple[int, int]:
+        """(bytes of this rank's cache, bytes of the unsharded model's cache) for ``batch`` x ``length``."""
+        mine = full = 0
+        for n, p in self.cache_placements:
+            size = n.meta["val"].dtype.itemsize
+            local = self._local_cache_shape(n, p, batch, length)
+            whole = self._local_cache_shape(n, None, batch, length)
+            mine += size * _prod(local)
+            full += size * _prod(whole)
+        return mine, full
+
+    def describe(self) -> str:
+        c = self.plan.counts()
+        per_layer = {k: dict(v) for k, v in c["per_layer_forward"].items() if k is not None}
+        heads = sorted({fmt(p) for _, p in self.cache_placements})
+        return (f"decode step: collectives {dict(c['forward'])}, per layer {per_layer}; "
+                f"KV cache placement {', '.join(heads)} (batch, length, kv_heads, head_dim)")
+
+    # ---- generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, eos_token_id=None,
+                 pad_token_id=None, return_logits: bool = False):
+        """Greedy decoding: the prompt in one step, then one token per step; stops early when
+        every sequence has produced an end token (finished ones are padded), like
+        ``generate(..., do_sample=False)`` of Hugging Face.  Every rank must call it with the
+        same ``input_ids``; every rank returns the same tokens.  ``eos_token_id`` and
+        ``pad_token_id`` default to the model's ``generation_config``.  ``return_logits=True``
+        also returns each step's next-token logits (fp32, batch x vocab), as Hugging Face's
+        ``output_logits``."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+            raise AutoTPError("input_ids must be a (batch, seq) LongTensor")
+        if max_new_tokens < 1:
+            return (input_ids, []) if return_logits else input_ids
+        bad = _unsupported_generation_options(self.pmodel.source_model)
+        if bad:
+            raise AutoTPError(f"autotp.generate does greedy decoding only; the model's generation_config asks for "
+                              f"{', '.join(bad)}")
+        gc = getattr(self.pmodel.source_model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(gc, "eos_token_id", None)
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=self.device)
+        pad = pad_token_id if pad_token_id is not None else getattr(gc, "pad_token_id", None)
+        if pad is None and eos.numel():
+            pad = int(eos[0])
+        if pad is not None and bool((input_ids == pad).any()) and pad not in eos.tolist():
+            raise AutoTPError(f"input_ids contain the pad token {pad}: padded prompts (an attention mask) are not "
+                              f"supported; generate prompts of equal length, or pass pad_token_id= of a token "
+                              f"they do not contain")
+        ids = input_ids.to(self.device)
+        batch, prompt = ids.shape
+        cache = self.new_cache(batch, prompt + max_new_tokens)
+        unfinished = torch.ones(batch, dtype=torch.long, device=self.device)
+        tokens, start, step_logits = ids, 0, []
+        for _ in range(max_new_tokens):
+            logits, *cache = self._run([tokens, torch.tensor(start, device=self.device), *cache])
+            start += tokens.shape[1]
+            last = logits[:, -1].float()
+            if return_logits:
+                step_logits.append(last)
+            nxt = last.argmax(-1)
+            if eos.numel():
+                nxt = nxt * unfinished + pad * (1 - unfinished)
+                unfinished = unfinished & ~torch.isin(nxt, eos)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if eos.numel() and not bool(unfinished.any()):
+                break
+            tokens = nxt[:, None]
+        return (ids, step_logits) if return_logits else ids
+
+
+def generate(pmodel, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+    """Greedy generation on a ``ParallelModule`` with a head-sharded KV cache (see ``Generator``).
+    The decode step is planned on the first call and kept on the module."""
+    return generator(pmodel).generate(input_ids, max_new_tokens, **kwargs)
+
+
+def generator(pmodel) -> Generator:
+    """The ``Generator`` of a ``ParallelModule`` (planned once, then reused)."""
+    gen = getattr(pmodel, "_autotp_generator", None)
+    if gen is None:
+        gen = Generator(pmodel)
+        object.__setattr__(pmodel, "_autotp_generator", gen)
+    return gen
+
+
+# ---------------------------------------------------------------- helpers
+def _owner(root: nn.Module, name: str):
+    module_name, _, attr = name.rpartition(".")
+    return (root.get_submodule(module_name) if module_name else root), attr
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    from autotp.plan import _copy_graph_module
+    return _copy_graph_module(gm)
+
+
+def _write_cache_in_place(gm: fx.GraphModule, cache_inputs: set[str]) -> None:
+    """``index_copy(cache, ...)`` -> ``index_copy_(cache, ...)`` where the cache input is read by
+    nothing else: the step then writes this rank's cache tensors instead of copying them."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == aten.index_copy.default:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "placeholder" and src.name in cache_inputs \
+                    and len(src.users) == 1:
+                node.target = aten.index_copy_.default
+                changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
