@@ -108,6 +108,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if src is not t:
                 _replace_input(node, i, src)
     _fuse_gather_and_grad_reduce(graph)
+    _hoist_gathers(graph)
     graph.lint()
     gm.recompile()
     return gm
@@ -133,6 +134,58 @@ def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
                     reason=info["reason"] + "; its consumers are sharded, so the gradient is reduce-scattered")
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
+
+
+def _hoist_gathers(graph: fx.Graph) -> None:
+    """Move an all-gather above the ``unsqueeze`` and full-range ``slice`` nodes that feed it
+    (``x[:, :, None, :, :]``, repeat_kv's first step): the same bytes, and the chain after the
+    gather is then the replicated one ``lower_attention`` recognises (it feeds un-repeated k/v
+    to the attention op instead of materialising the repeat)."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (comm.all_gather, comm.all_gather_rs):
+            continue
+        x, dim, factor = node.args[0], node.args[1], node.args[2]
+        moved = []
+        while isinstance(x, fx.Node) and len(x.users) == 1 and x.op == "call_function":
+            if x.target == aten.unsqueeze.default:
+                u = x.args[1] % val(x).ndim
+                if u == dim:
+                    break
+                dim = dim - 1 if u < dim else dim
+            elif x.target == aten.slice.Tensor and _full_slice(x):
+                if x.args[1] % val(x).ndim == dim:
+                    break
+            else:
+                break
+            moved.append(x)
+            x = x.args[0]
+        if not moved:
+            continue
+        # gather x along `dim`, then redo the moved views (farthest first) on the gathered tensor
+        users = list(node.users)
+        node.args = (x, dim, factor, *node.args[3:])
+        node.meta["val"], node.meta["autotp_val"] = x.meta["val"], val(x)
+        cur = node
+        for view in reversed(moved):
+            with graph.inserting_after(cur):
+                new = graph.call_function(view.target, (cur, *view.args[1:]), dict(view.kwargs))
+            new.meta = dict(view.meta)
+            new.meta["autotp"] = {**view.meta.get("autotp", {}), "placement": node.meta["autotp"]["placement"],
+                                  "strategy": None}
+            cur = new
+        for user in users:
+            user.replace_input_with(node, cur)
+        for view in moved:                    # nearest first: each loses its only user in turn
+            graph.erase_node(view)
+
+
+def _full_slice(node: fx.Node) -> bool:
+    """``slice(x, d, 0, end)`` with ``end`` at least the dim's size: the identity."""
+    args = list(node.args) + [None] * 4
+    start, end, step = args[2] or 0, args[3], args[4] if args[4] is not None else 1
+    size = val(node.args[0]).shape[args[1] % val(node.args[0]).ndim]
+    return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= size))
 
 
 _RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
