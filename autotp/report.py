@@ -28,7 +28,7 @@ import torch
 from autotp import cost
 from autotp.placement import is_shard, local_shape
 from autotp.capture import BATCH, SEQ
-from autotp.passes.context import layer_index
+from autotp.passes.context import layer_index, module_path
 from autotp.passes.rules import val
 
 DEGREES = (2, 4, 8, 16)
@@ -199,6 +199,61 @@ def attention_scores(plan, batch: int, seq: int, dtype: torch.dtype) -> dict | N
     return None
 
 
+# ---------------------------------------------------------------- experts
+
+def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, link) -> dict | None:
+    """Per MoE layer: the communication this plan pays to combine the experts, next to the
+    all-to-all dispatch + combine expert parallelism pays when the tokens are split over the
+    ranks (sequence or data parallel), so a reader sees why no all-to-all appears here.
+
+    Inside a tensor-parallel group every rank already holds every token, so expert parallelism
+    needs no dispatch: each rank runs its experts' rows and one collective combines them.  With
+    tokens split N ways, each rank must send its routed rows (tokens x top_k x d) to the experts'
+    owners and get them back: two all-to-alls, each B = tokens x top_k x d x itemsize,
+    wire (N-1)/N^2 x B per rank.
+    """
+    lk, n = cost.get_link(link), plan.world
+    blocks: dict[int | None, dict] = {}
+    for node in plan.gm.graph.nodes:
+        if node.op != "call_function" or "grouped_mm" not in str(node.target):
+            continue
+        info = node.meta.get("autotp", {})
+        layer = layer_index(module_path(node))
+        if layer in blocks or "strategy" not in info:
+            continue
+        x, w = node.args[0], node.args[1]
+        sym = node.args[0].meta.get("val")
+        routed = sympy.Integer(1)
+        for size in sym.shape[:1]:
+            routed = routed * (sympy.sympify(size.node.expr).xreplace(plan.captured.symbols)
+                               if isinstance(size, torch.SymInt) else sympy.Integer(size))
+        d = int(val(x).shape[1])
+        wp = info["strategy"].inputs[1]
+        kind = ("expert-parallel" if is_shard(wp) and wp.dim == 0 else
+                "TP inside experts" if is_shard(wp) else "replicated")
+        a2a_expr = routed * d * element_bytes(val(x).dtype, dtype)
+        a2a_bytes = evaluate(a2a_expr, batch, seq)
+        mine = [r for r in rows if r["layer"] == layer and r["forward"] and _under(r["module"], module_path(node))]
+        blocks[layer] = dict(
+            layer=layer, module=module_path(node).rsplit(".", 1)[0], experts=int(val(w).shape[0]),
+            experts_placement=kind, routed_rows=str(routed), d_model=d,
+            chosen=dict(collectives=[(r["forward"], r["bytes_expr"]) for r in mine],
+                        wire_bytes=sum(r["forward_factor"] * r["bytes"] for r in mine),
+                        time_s=sum(r["forward_time_s"] for r in mine)),
+            all_to_all=dict(bytes_expr=str(a2a_expr), bytes=a2a_bytes,
+                            wire_bytes=2 * cost.factor(cost.ALL_TO_ALL, n) * a2a_bytes,
+                            time_s=2 * cost.collective_time(cost.ALL_TO_ALL, a2a_bytes, n, lk)))
+    if not blocks:
+        return None
+    return dict(layers=sorted(blocks, key=lambda k: -1 if k is None else k), blocks=list(blocks.values()))
+
+
+def _under(module: str, expert_module: str) -> bool:
+    """A collective of the MoE block: same block module (``model.layers.3.mlp``) or inside it."""
+    block = expert_module.rsplit(".", 1)[0] if "." in expert_module else expert_module
+    return module == block or module.startswith(block + ".") or module.startswith(expert_module)
+
+
 # ---------------------------------------------------------------- where TP stops paying off
 
 def layer_model(plan, rows: list[dict]) -> dict | None:
@@ -296,6 +351,7 @@ def report_data(plan, *, batch: int, seq: int, dtype=torch.bfloat16, link="nvlin
         totals=totals(rows),
         memory=memory(plan, dtype),
         attention=attention_scores(plan, batch, seq, dtype),
+        experts=experts(plan, rows, batch, seq, dtype, lk),
         layer_model=model,
         scaling=scaling(model, batch, seq, dtype, DEVICES[device]) if model and model["forward"] else None,
         notes=list(plan.notes),                # replicated ops and weights, pins' cost, lowered attention

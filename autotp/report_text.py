@@ -21,6 +21,8 @@ def render(data: dict, markdown: bool = False) -> str:
     _collective_section(out, data)
     _totals_section(out, t, c, (data.get("layer_model") or {}).get("layer"))
     _memory_section(out, data["memory"], data.get("attention"), c)
+    if data.get("experts"):
+        _experts_section(out, data["experts"], c)
     if data.get("scaling"):
         _scaling_section(out, data["scaling"], data["layer_model"], data["formulas"])
     if article_numbers(data)["bytes"] == ARTICLE["bytes_per_all_reduce"]:
@@ -98,6 +100,27 @@ def _memory_section(out, m: dict, att: dict | None, c: dict) -> None:
         out.para(f"Flash attention never writes the L x L scores: {_bytes(att['bytes'])} per layer and rank avoided "
                  f"at batch {c['batch']}, seq {c['seq']} ({att['bytes_expr']} = {att['formula']}; "
                  f"{att['heads']} heads, {att['heads_per_rank']} per rank).")
+
+
+def _experts_section(out, e: dict, c: dict) -> None:
+    out.heading("Mixture of experts: the combine here vs an all-to-all dispatch + combine (forward)")
+    b = e["blocks"][0]
+    same = "Every MoE layer" if len(e["blocks"]) > 1 else "The MoE layer"
+    cols = ["option", "collectives", "B", "wire bytes/rank", "time"]
+    chosen = ", ".join(k for k, _ in b["chosen"]["collectives"]) or "none"
+    a2a = b["all_to_all"]
+    out.table(cols, [
+        [f"this plan: experts {b['experts_placement']}, tokens on every rank", chosen,
+         " + ".join(expr for _, expr in b["chosen"]["collectives"]) or "-",
+         _bytes(b["chosen"]["wire_bytes"]), _time(b["chosen"]["time_s"])],
+        ["expert parallel with tokens split N ways", "2 all_to_all (dispatch, combine)", a2a["bytes_expr"],
+         _bytes(a2a["wire_bytes"]), _time(a2a["time_s"])]])
+    out.para(f"{same} ({b['module']}, {b['experts']} experts, {b['routed_rows']} routed rows = tokens x "
+             f"top_k, d {b['d_model']}). Inside a tensor-parallel group every rank holds every token, so expert "
+             f"parallelism needs no dispatch: each rank runs its experts' rows and the collective above combines "
+             f"them. The all-to-all row is what expert parallelism pays when the tokens are split over the "
+             f"ranks instead (data or sequence parallel; B = routed rows x d x itemsize, wire (N-1)/N^2 x B "
+             f"each way) — autotp does not generate that dispatch yet, it is shown for comparison.")
 
 
 def _scaling_section(out, s: dict, model: dict, formulas: dict) -> None:

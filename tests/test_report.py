@@ -130,3 +130,26 @@ def test_markdown_and_json_carry_the_numbers(plan70):
     assert "Where tensor parallelism stops paying off" in text and "Memory per rank" in text
     with pytest.raises(ValueError):
         report(plan70, batch=4, seq=2048, fmt="html")
+
+
+def test_moe_report_puts_the_combine_next_to_an_all_to_all():
+    """Each MoE layer: the combine this plan pays (expert parallel inside the TP group: one
+    all-reduce of the routed rows) next to the two all-to-alls of token-split expert parallelism,
+    B = tokens x top_k x d x itemsize, wire (N-1)/N^2 x B each way."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import MOE_FAMILIES
+    from autotp.verify import HFModel
+    torch.manual_seed(0)
+    cfg = MOE_FAMILIES["mixtral"]
+    plan = autotp.plan(HFModel(cfg)(), (torch.randint(0, 90, (2, 8)),), world_size=4)
+    data = report_data(plan, batch=4, seq=2048, dtype=torch.bfloat16)
+    blocks = data["experts"]["blocks"]
+    assert len(blocks) == cfg["num_hidden_layers"]
+    b = blocks[0]
+    routed = 4 * 2048 * cfg["num_experts_per_tok"]
+    assert b["experts_placement"] == "expert-parallel" and b["experts"] == cfg["num_local_experts"]
+    assert b["all_to_all"]["bytes"] == routed * cfg["hidden_size"] * 2
+    assert b["all_to_all"]["wire_bytes"] == pytest.approx(2 * 3 / 16 * b["all_to_all"]["bytes"])
+    assert [k for k, _ in b["chosen"]["collectives"]] == ["all_reduce"]
+    assert "all_to_all (dispatch, combine)" in report(plan, batch=4, seq=2048)

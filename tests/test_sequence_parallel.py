@@ -10,7 +10,7 @@ import torch
 import autotp
 from autotp.cost import factor
 from autotp.verify import Case, HFModel, verify
-from models import FAMILIES, build
+from models import FAMILIES, MOE_FAMILIES, build
 
 TOL = 1e-5
 SP = {"sequence_parallel": True}
@@ -18,6 +18,8 @@ SP = {"sequence_parallel": True}
 
 def _cases():
     cases = [Case(name, HFModel(FAMILIES[name]), kwargs=SP, other_shapes=((3, 4),)) for name in ("llama", "gpt2")]
+    # MoE under SP: the expert block's tokens are gathered and its combine reduce-scattered back
+    cases.append(Case("mixtral", HFModel(MOE_FAMILIES["mixtral"]), kwargs=SP, other_shapes=((3, 4),)))
     # a sequence the plan cannot split evenly is a clear error, not a wrong number
     cases.append(Case("llama-odd-seq", HFModel(FAMILIES["llama"]), kwargs=SP, other_shapes=((2, 5),)))
     return cases
@@ -28,7 +30,7 @@ def results(request):
     return request.param, verify(_cases(), request.param)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
 def test_sequence_parallel_matches_one_device(results, family):
     world, per_rank = results
     for rank, res in enumerate(per_rank):
