@@ -41,7 +41,7 @@ def _layer_key(raw: dict) -> str:
     return next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in raw), "num_hidden_layers")
 
 
-def plan_from_config(cfg, tp: int, *, training: bool = True):
+def plan_from_config(cfg, tp: int, *, training: bool = True, sequence_parallel: bool = False):
     """Build the model on the meta device and plan it for ``tp`` ranks."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -51,7 +51,7 @@ def plan_from_config(cfg, tp: int, *, training: bool = True):
     # Example ids on the meta device too: a vocab-parallel embedding of meta weights with CPU ids
     # fails the local-shape check (meta/cpu device mismatch).
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device="meta")
-    return autotp.plan(model, (ids,), world_size=tp, training=training)
+    return autotp.plan(model, (ids,), world_size=tp, training=training, sequence_parallel=sequence_parallel)
 
 
 def _status(text: str):
@@ -64,7 +64,8 @@ def cmd_plan(args) -> int:
     full_layers = load_config(args.config)[0].num_hidden_layers
     cfg, _ = load_config(args.config, args.layers)
     with _status(f"planning {args.config} for TP {args.tp} (capture, rules, solver) ..."):
-        plan = plan_from_config(cfg, args.tp, training=not args.inference)
+        plan = plan_from_config(cfg, args.tp, training=not args.inference,
+                                sequence_parallel=args.sequence_parallel)
     with _status("computing the report ..."):
         text = report(plan, batch=args.batch, seq=args.seq, dtype=args.dtype, link=args.link, fmt=args.format,
                       device=args.device, full_layers=full_layers)
@@ -76,7 +77,7 @@ def cmd_dump(args) -> int:
     from autotp.viz import dump
     cfg, _ = load_config(args.config, args.layers)
     with _status(f"planning {args.config} for TP {args.tp} ..."):
-        plan = plan_from_config(cfg, args.tp)
+        plan = plan_from_config(cfg, args.tp, sequence_parallel=args.sequence_parallel)
     with _status(f"writing the graphs of every pass to {args.out} ..."):
         files = dump(plan, args.out, fold=not args.no_fold)
     for f in files:
@@ -88,7 +89,9 @@ def cmd_verify(args) -> int:
     from autotp.verify import Case, HFModel, verify
     _, raw = load_config(args.config, args.layers)
     name = Path(args.config).stem
-    case = Case(name, HFModel(raw), batch=args.batch, seq=args.seq)
+    case = Case(name, HFModel(raw), batch=args.batch, seq=args.seq,
+                kwargs={"sequence_parallel": True} if args.sequence_parallel else {},
+                other_shapes=((3, 2 * args.nproc),) if args.sequence_parallel else ((3, 5),))
     with _status(f"running {name} on {args.nproc} gloo processes (reference vs parallel) ..."):
         results = verify([case], args.nproc, timeout_s=args.timeout)
     worst = 0.0
@@ -124,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--tp", type=int, default=tp, help=f"tensor-parallel degree (default {tp})")
         p.add_argument("--layers", type=int, default=None,
                        help="plan only this many decoder layers (faster; per-layer numbers are unchanged)")
+        p.add_argument("--sequence-parallel", action="store_true",
+                       help="minimise activation memory next (Megatron-SP: norms and residuals split by sequence)")
 
     p = sub.add_parser("plan", help="plan on the meta device and print the cost report")
     common(p, 8)
@@ -150,6 +155,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=8)
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per collective")
+    p.add_argument("--sequence-parallel", action="store_true", help="plan with sequence_parallel=True")
     p.set_defaults(run=cmd_verify)
     return top
 

@@ -176,6 +176,18 @@ def memory(plan, dtype: torch.dtype) -> dict:
                 convention=FORMULAS["memory"])
 
 
+def activations(plan, batch: int, seq: int, dtype: torch.dtype) -> dict:
+    """The solver's activation estimate per rank at ``batch`` x ``seq`` (floating tensors at
+    ``dtype``): every tensor the forward allocates in the autograd graph, 1/N where sharded — an
+    upper bound on what backward keeps; what ``sequence_parallel=True`` minimises."""
+    import dataclasses
+    from autotp.passes.solve import activation_mib
+    names = {"batch": batch, "seq": seq}
+    sizes = {sym: sympy.Integer(names[str(name)]) for sym, name in plan.captured.symbols.items()}
+    mib = activation_mib(plan.gm, dataclasses.replace(plan.ctx, plan_sizes=sizes))
+    return dict(bytes=mib * 2**20 * dtype.itemsize / 4, sequence_parallel=bool(plan.ctx.sequence_parallel))
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -350,6 +362,7 @@ def report_data(plan, *, batch: int, seq: int, dtype=torch.bfloat16, link="nvlin
         collectives=rows,
         totals=totals(rows),
         memory=memory(plan, dtype),
+        activations=activations(plan, batch, seq, dtype),
         attention=attention_scores(plan, batch, seq, dtype),
         experts=experts(plan, rows, batch, seq, dtype, lk),
         layer_model=model,

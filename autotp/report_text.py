@@ -20,7 +20,7 @@ def render(data: dict, markdown: bool = False) -> str:
     out.para("Formulas: " + "; ".join(data["formulas"][k] for k in ("bytes", "factor", "time")) + ".")
     _collective_section(out, data)
     _totals_section(out, t, c, (data.get("layer_model") or {}).get("layer"))
-    _memory_section(out, data["memory"], data.get("attention"), c)
+    _memory_section(out, data["memory"], data.get("attention"), c, data.get("activations"))
     if data.get("experts"):
         _experts_section(out, data["experts"], c)
     if data.get("scaling"):
@@ -87,7 +87,7 @@ def _totals_section(out, t: dict, c: dict, layer: int | None) -> None:
              f"tensors, same B). Time = sum over collectives of latency + factor x B / bandwidth.")
 
 
-def _memory_section(out, m: dict, att: dict | None, c: dict) -> None:
+def _memory_section(out, m: dict, att: dict | None, c: dict, act: dict | None = None) -> None:
     out.heading("Memory per rank (parameters, gradients, Adam)")
     cols = ["", "bytes/param", "unsharded (1 GPU)", f"per rank (TP {c['world']})", "ratio"]
     table = [[k, str(r["bytes_per_element"]), _bytes(r["unsharded"]), _bytes(r["per_rank"]),
@@ -96,6 +96,11 @@ def _memory_section(out, m: dict, att: dict | None, c: dict) -> None:
     out.para(f"{m['parameters']:,} parameters, {m['parameters_per_rank']:,} per rank "
              f"({m['replicated_parameters']:,} replicated on every rank). Convention: {m['convention']}. "
              f"Activations and buffers not included.")
+    if act:
+        sp = "with" if act["sequence_parallel"] else "without"
+        out.para(f"Activations per rank, the solver's estimate ({sp} sequence parallelism): "
+                 f"{_bytes(act['bytes'])} at batch {c['batch']}, seq {c['seq']} — every tensor the forward allocates "
+                 f"in the autograd graph, 1/N where sharded (an upper bound on what backward keeps).")
     if att:
         out.para(f"Flash attention never writes the L x L scores: {_bytes(att['bytes'])} per layer and rank avoided "
                  f"at batch {c['batch']}, seq {c['seq']} ({att['bytes_expr']} = {att['formula']}; "

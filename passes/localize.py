@@ -12,7 +12,8 @@ import dataclasses
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
+                                          FakeTensorMode)
 
 from autotp import comm
 from autotp.placement import fmt, local_shape
@@ -48,23 +49,79 @@ def localize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
+class _NoKey(Exception):
+    pass
+
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _meta_key(a):
+    """What a fake op's result can depend on: tensor metadata (never values), plain arguments
+    tagged with their type (``2`` and ``2.0`` differ).  Raises ``_NoKey`` for anything else: a
+    real tensor or a fake one carrying a constant (whose value an op could read)."""
+    if isinstance(a, FakeTensor):
+        if a.constant is not None:
+            raise _NoKey
+        return (a.shape, a.stride(), a.storage_offset(), a.dtype, a.device, a.requires_grad)
+    if isinstance(a, (tuple, list)):
+        return (type(a), tuple(_meta_key(x) for x in a))
+    if isinstance(a, _PLAIN):
+        return (type(a), a)
+    raise _NoKey
+
+
+def _op_key(target, args, kwargs):
+    """Memo key of one op call, or None where the result may not be a function of the key: a
+    Python callable, an op that mutates (in place or out=), a real tensor, an unusual argument."""
+    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+        return None
+    try:
+        key = (target, _meta_key(args), _meta_key(tuple(kwargs.items())))
+        hash(key)
+    except (_NoKey, TypeError):
+        return None
+    return key
+
+
+def _memoizable(out) -> bool:
+    if isinstance(out, (tuple, list)):
+        return all(_memoizable(o) for o in out)
+    return not isinstance(out, torch.Tensor) or (isinstance(out, FakeTensor) and out.constant is None)
+
+
 class _ShapeCheck(fx.Interpreter):
+    """Runs the graph on fake tensors of the local shapes.  The decoder layers of a model are
+    the same ops on the same shapes, so each distinct (op, input metadata, arguments) is run
+    once and its (fake, read-only) result reused: a fake op's output metadata depends on
+    nothing else.  Graphs with mutating ops are run op by op (a mutation could change a
+    shared result)."""
+
     def __init__(self, gm, world):
         super().__init__(gm)
         self.world = world
+        mutates = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                      and n.target._schema.is_mutable for n in gm.graph.nodes)
+        self._memo = None if mutates else {}
 
     def call_function(self, target, args, kwargs):
         node = self._node
         if target in comm.COLLECTIVES:
             shape = expected_local_shape(node, self.world)
             return torch.empty(shape, dtype=val(node).dtype, device=args[0].device)
+        key = _op_key(target, args, kwargs) if self._memo is not None else None
+        if key is not None and key in self._memo:
+            return self._memo[key]
         try:
-            return super().call_function(target, args, kwargs)
+            out = super().call_function(target, args, kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException):
             # the local op reads tensor values (expert row ranges): its output shape is the
             # rule's claim, checked by the ops that consume it
             shape = expected_local_shape(node, self.world)
             return torch.empty(shape, dtype=val(node).dtype, device=args[0].device)
+        if key is not None and _memoizable(out):
+            self._memo[key] = out
+        return out
 
     def run_node(self, node):
         self._node = node

@@ -102,6 +102,7 @@ def lower_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     kept: dict[str, list[fx.Node]] = collections.defaultdict(list)      # reason -> attentions
     backends: collections.Counter = collections.Counter()
     causal = 0
+    causal_masks: dict = {}       # (mask node, inverted) -> verdict: the layers share one mask
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or getattr(node, "_erased", False):
             continue
@@ -113,7 +114,7 @@ def lower_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         if isinstance(found, _Attention):
             found = _check_placements(found)
-        if isinstance(found, _Attention) and _is_size_only_causal(gm, found, ctx):
+        if isinstance(found, _Attention) and _is_size_only_causal(gm, found, ctx, causal_masks):
             found.attn_mask, found.terms, found.is_causal = None, [], True
             causal += 1
         if isinstance(found, str):
@@ -142,11 +143,14 @@ def lower_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 _PROBE_SIZES = ((2, 2), (1, 3), (3, 7), (2, 16), (1, 33))     # (batch, seq) the mask is checked at
 
 
-def _is_size_only_causal(gm: fx.GraphModule, found: "_Attention", ctx: PassContext) -> bool:
+def _is_size_only_causal(gm: fx.GraphModule, found: "_Attention", ctx: PassContext,
+                         cache: dict | None = None) -> bool:
     """Whether ``found.attn_mask`` depends on nothing but the batch and sequence sizes and
     equals the causal mask (bool ``tril``, or 0 / -inf additive) at every probe size, with
     queries and keys of the same length.  A chain's single ``where`` term counts too (its
-    condition keeps, or drops, exactly the causal positions; the fill is -inf or the minimum)."""
+    condition keeps, or drops, exactly the causal positions; the fill is -inf or the minimum).
+    ``cache`` holds the verdict per (mask node, inverted): every layer of a decoder reads the
+    same mask node, evaluated once instead of once per layer."""
     invert = False
     if found.is_causal:
         return False
@@ -160,6 +164,15 @@ def _is_size_only_causal(gm: fx.GraphModule, found: "_Attention", ctx: PassConte
     if not (isinstance(qv, torch.Tensor) and isinstance(kv, torch.Tensor)) or \
             str(qv.shape[-2]) != str(kv.shape[-2]):
         return False
+    if cache is None:
+        return _mask_is_causal(gm, mask, invert, ctx)
+    if (mask, invert) not in cache:
+        cache[(mask, invert)] = _mask_is_causal(gm, mask, invert, ctx)
+    return cache[(mask, invert)]
+
+
+def _mask_is_causal(gm: fx.GraphModule, mask: fx.Node, invert: bool, ctx: PassContext) -> bool:
+    """The part of ``_is_size_only_causal`` that depends on the mask alone."""
     sub, leaves, stack = set(), [], [mask]
     while stack:                                   # the mask's ancestors, stopping at sizes
         n = stack.pop()

@@ -66,7 +66,8 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                 if any(p != R for a in tensor_inputs(node) for p in candidates.get(a, ())):
                     unknown.setdefault(str(node.target), []).append(node)
             else:
-                strategies = [s for s in rule(node, rctx) if not _splits_batch(node, s, ctx)]
+                batch = _batch_info(node, ctx) if ctx.size_names else None     # once for all strategies
+                strategies = [s for s in rule(node, rctx) if not _splits_batch(node, s, ctx, batch)]
         else:
             continue
         meta(node)["strategies"] = strategies
@@ -89,16 +90,28 @@ def _batch_dims(node: fx.Node, ctx: PassContext) -> list:
     return dims
 
 
-def _splits_batch(node: fx.Node, s: Strategy, ctx: PassContext) -> bool:
+def _batch_info(node: fx.Node, ctx: PassContext) -> tuple:
+    """What ``_splits_batch`` reads of ``node``: its value(s), its tensor inputs' values and
+    their batch dims (memoised per tensor) — the same for every strategy of the node."""
+    dims_of, memo = _batch_dims(node, ctx), {}
+
+    def dims(t):
+        if id(t) not in memo:
+            memo[id(t)] = dims_of(t)
+        return memo[id(t)]
+    return node.meta.get("val"), [a.meta.get("val") for a in tensor_inputs(node)], dims
+
+
+def _splits_batch(node: fx.Node, s: Strategy, ctx: PassContext, batch: tuple | None = None) -> bool:
     """A strategy that splits the batch dim: valid, but batch belongs to data parallelism — it
     may be 1 or odd at run time, where the plan would then fail.  Tensor parallelism splits
-    weights, heads and (with ``sequence_parallel``) the sequence, never the batch."""
+    weights, heads and (with ``sequence_parallel``) the sequence, never the batch.  ``batch``:
+    ``_batch_info(node, ctx)``, computed once per node by the caller."""
     if not ctx.size_names:
         return False
-    dims = _batch_dims(node, ctx)
-    v = node.meta.get("val")
+    v, in_vals, dims = batch if batch is not None else _batch_info(node, ctx)
     outs = list(zip(v, s.output)) if isinstance(s.output, tuple) and isinstance(v, (tuple, list)) else [(v, s.output)]
-    ins = list(zip([a.meta.get("val") for a in tensor_inputs(node)], s.inputs))
+    ins = list(zip(in_vals, s.inputs))
     return any(p is not None and is_shard(p) and p.dim % max(t.ndim, 1) in dims(t)
                for t, p in outs + ins if isinstance(t, torch.Tensor))
 

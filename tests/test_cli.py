@@ -29,6 +29,21 @@ def test_plan_prints_the_report():
     assert "Where tensor parallelism stops paying off" in out and "Memory per rank" in out
 
 
+def test_plan_with_sequence_parallelism(capsys):
+    """--sequence-parallel: per layer the all-reduces become reduce-scatter + all-gather (same wire
+    bytes), and the report's activation estimate drops."""
+    args = ["plan", str(CONFIGS / "llama-tiny.json"), "--tp", "2", "--format", "json"]
+    assert main(args) == 0
+    tp = json.loads(capsys.readouterr().out)
+    assert main(args + ["--sequence-parallel"]) == 0
+    sp = json.loads(capsys.readouterr().out)
+    layer = lambda d: d["totals"]["per_layer"][sorted(d["totals"]["per_layer"])[0]]["forward"]   # noqa: E731
+    assert layer(tp)["by_kind"] == {"all_reduce": 2}
+    assert layer(sp)["by_kind"] == {"all_gather": 2, "reduce_scatter": 2}
+    assert layer(sp)["wire_bytes"] == pytest.approx(layer(tp)["wire_bytes"])
+    assert sp["activations"]["sequence_parallel"] and sp["activations"]["bytes"] < tp["activations"]["bytes"]
+
+
 @pytest.mark.parametrize("config, fmt", [("gpt2-tiny", "json"), ("mistral-tiny", "markdown")])
 def test_plan_formats(config, fmt, capsys):
     assert main(["plan", str(CONFIGS / f"{config}.json"), "--tp", "2", "--format", fmt]) == 0
