@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 
-import sympy
 import torch
 import torch.distributed as dist
 import torch.fx as fx
@@ -80,7 +79,8 @@ class ParallelModule(nn.Module):
         _retarget_meta(self.graph_module, _mesh_device(mesh))
         self._shard_parameters(model, rank, world)
         self._feeds = self._input_feeds()
-        self._divisors = plan.size_divisors()
+        self._divisors = [(_monomial(expr), divisor, _indivisible_message(expr, divisor, node, p, plan, mesh))
+                          for expr, divisor, node, p in plan.size_divisors()]
 
     def _shard_parameters(self, model: nn.Module, rank: int, world: int) -> None:
         placements = self.plan.placements
@@ -205,22 +205,21 @@ class ParallelModule(nn.Module):
         return inputs
 
     def _check_divisible(self, sizes: dict) -> None:
-        """Sizes the plan splits (the sequence, under sequence parallelism) must divide evenly."""
-        values = {}
-        for node in self.graph_module.graph.nodes:
-            want = node.meta.get("val") if node.op == "placeholder" else None
-            if isinstance(want, torch.Tensor):
-                for size in want.shape:
-                    if isinstance(size, torch.SymInt) and str(size.node.expr) in sizes:
-                        values[size.node.expr] = sympy.Integer(sizes[str(size.node.expr)][0])
-        for expr, divisor, node, p in self._divisors:
-            n = expr.xreplace(values)
-            if n.is_number and int(n) % divisor:
-                name = str(expr.xreplace(self.plan.captured.symbols))
-                raise AutoTPError(f"{name} = {int(n)} does not divide by {divisor}: the plan splits it "
-                                  f"{fmt(p)} over {self.mesh.size()} ranks (node `{node.name}`{_where(node)}); "
-                                  f"pad the input to a multiple of {divisor}, or plan without "
-                                  f"sequence_parallel")
+        """Sizes the plan splits (the sequence, under sequence parallelism) must divide evenly.
+        Plain integer arithmetic on the bound sizes (precomputed monomials), so torch.compile
+        traces it as a guard instead of breaking the graph."""
+        for mono, divisor, message in self._divisors:
+            if mono is None:
+                continue
+            coeff, factors = mono
+            n = coeff
+            for sym, power in factors:
+                if sym not in sizes:
+                    break
+                n *= sizes[sym][0] ** power
+            else:
+                if n % divisor:
+                    raise AutoTPError(message.format(n=n))
 
     def _still_sharded(self, owner: nn.Module, attr: str, p) -> AutoTPError:
         name = next(n for n, m in self.named_modules() if m is owner)
@@ -263,6 +262,25 @@ class ParallelModule(nn.Module):
         if not isinstance(t, torch.Tensor) or p is None:
             return t
         return DTensor.from_local(t, self.mesh, [p], run_check=False)   # even shards: shape inferred
+
+
+def _monomial(expr) -> tuple | None:
+    """``c * s0**a * s1**b`` as ``(c, (("s0", a), ("s1", b)))`` over export's size symbols; None
+    for anything else (a sum: not checked)."""
+    coeff, rest = expr.as_coeff_Mul()
+    factors = []
+    for base, power in rest.as_powers_dict().items():
+        if not (base.is_Symbol and power.is_Integer and power > 0):
+            return None
+        factors.append((str(base), int(power)))
+    return (int(coeff), tuple(sorted(factors))) if coeff.is_Integer else None
+
+
+def _indivisible_message(expr, divisor: int, node: fx.Node, p, plan, mesh) -> str:
+    name = str(expr.xreplace(plan.captured.symbols))
+    return (f"{name} = {{n}} does not divide by {divisor}: the plan splits it {fmt(p)} over {mesh.size()} "
+            f"ranks (node `{node.name}`{_where(node)}); pad the input to a multiple of {divisor}, or plan "
+            f"without sequence_parallel")
 
 
 def _where(node: fx.Node) -> str:

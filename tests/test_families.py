@@ -27,7 +27,18 @@ FAMILIES = {
 
 
 def test_unseen_families_match_one_device_at_two_ranks():
-    per_rank = verify([Case(n, HFModel(dict(model_type=n, **c))) for n, c in FAMILIES.items()], 2, timeout_s=300)
+    _check(verify([Case(n, HFModel(dict(model_type=n, **c))) for n, c in FAMILIES.items()], 2, timeout_s=300))
+
+
+def test_unseen_families_with_sequence_parallelism():
+    """The same families with ``sequence_parallel=True``: fused projections, parallel attention +
+    MLP, ALiBi, post-norms and MoE blocks all find a sequence-split plan, and it is exact."""
+    cases = [Case(n, HFModel(dict(model_type=n, **c)), kwargs={"sequence_parallel": True}, other_shapes=((3, 4),))
+             for n, c in FAMILIES.items()]
+    _check(verify(cases, 2, timeout_s=300))
+
+
+def _check(per_rank) -> None:
     bad = []
     for rank, res in enumerate(per_rank):
         for r in res:
