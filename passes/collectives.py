@@ -109,6 +109,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 _replace_input(node, i, src)
     _fuse_gather_and_grad_reduce(graph)
     _hoist_gathers(graph)
+    _bucket_parameter_grad_reduces(graph, ctx)
     graph.lint()
     gm.recompile()
     return gm
@@ -134,6 +135,53 @@ def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
                     reason=info["reason"] + "; its consumers are sharded, so the gradient is reduce-scattered")
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
+
+
+def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
+    """Replicated parameters used inside sharded ops (norm scales under sequence parallelism,
+    biases added to sharded activations) each get Megatron's f: a small all-reduce of their
+    gradient.  Bucket them: ``reduce_grad(cat(p1.flatten(), p2.flatten(), ...))`` and each use
+    reads its slice — one all-reduce per step (when the last of these gradients is ready, at the
+    end of backward), not one per parameter; the forward costs a copy of these small tensors."""
+    fs = [n for n in graph.nodes if n.op == "call_function" and n.target is comm.reduce_grad
+          and n.args[0].op == "placeholder" and n.args[0].name in ctx.params]
+    if len(fs) < 2 or len({val(f.args[0]).dtype for f in fs}) != 1:
+        return
+    params = [f.args[0] for f in fs]
+    cur = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    flats = []
+    for p in params:
+        with graph.inserting_after(cur):
+            cur = graph.call_function(torch.ops.aten.reshape.default, (p, [-1]))
+        flats.append(cur)
+    with graph.inserting_after(cur):
+        cat = graph.call_function(torch.ops.aten.cat.default, (flats,))
+    with graph.inserting_after(cat):
+        bucket = graph.call_function(comm.reduce_grad, (cat, ctx.group))
+    total = sum(val(p).numel() for p in params)
+    like = val(params[0])
+    for n, v in [*zip(flats, (val(p).reshape(-1) for p in params)), (cat, like.new_empty(total)),
+                 (bucket, like.new_empty(total))]:
+        n.meta["val"] = n.meta["autotp_val"] = v
+        n.meta["autotp"] = {"placement": R}
+    bucket.meta["autotp"].update(collective="reduce_grad", forward=None, backward="all_reduce",
+                                 reason=f"{len(params)} replicated parameters feed sharded ops: their gradients are "
+                                        f"partial sums, all-reduced together in one bucket")
+    offset, cur = 0, bucket
+    for f, p in zip(fs, params):
+        n = val(p).numel()
+        with graph.inserting_after(cur):
+            piece = graph.call_function(torch.ops.aten.slice.Tensor, (bucket, 0, offset, offset + n))
+        with graph.inserting_after(piece):
+            view = graph.call_function(torch.ops.aten.view.default, (piece, list(val(p).shape)))
+        piece.meta["val"] = piece.meta["autotp_val"] = like.new_empty(n)
+        view.meta["val"] = view.meta["autotp_val"] = val(p)
+        for node in (piece, view):
+            node.meta["autotp"] = {"placement": R}
+            _copy_meta(f, node)
+        f.replace_all_uses_with(view)
+        graph.erase_node(f)
+        offset, cur = offset + n, view
 
 
 def _hoist_gathers(graph: fx.Graph) -> None:
