@@ -1,14 +1,16 @@
 """Tensor-parallel Llama on CPU with autotp — the `make demo` script.
 
-    python -m torch.distributed.run --nproc-per-node 4 examples/llama_tp.py
+    python -m torch.distributed.run --nproc-per-node 4 examples/llama_tp.py [--sequence-parallel]
 
 Builds an unmodified Hugging Face Llama from a small config (random weights, same seed on
 every rank), parallelises it with no hints, runs forward + backward, and prints the chosen
 plan per weight, the collectives per layer and the max error against the same model run on
-one device.
+one device.  ``--sequence-parallel`` plans Megatron-SP instead (norms and residual adds split
+along the sequence; each all-reduce becomes a reduce-scatter + all-gather).
 """
 import copy
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,8 @@ def main():
     reference = copy.deepcopy(model)                          # the one-device run to compare with
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
 
-    pmodel = autotp.parallelize(model, example_inputs=(ids,))  # starts gloo from torchrun's env
+    sp = "--sequence-parallel" in sys.argv[1:]
+    pmodel = autotp.parallelize(model, example_inputs=(ids,), sequence_parallel=sp)  # gloo from torchrun's env
     rank, world = dist.get_rank(), dist.get_world_size()
 
     logits = pmodel(ids).logits
