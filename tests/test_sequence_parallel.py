@@ -88,3 +88,15 @@ def test_same_bytes_less_activation_memory(family):
     assert dict(tp.counts()["per_layer_forward"][layer]) == {"all_reduce": 2}
     assert _wire(sp, layer) == pytest.approx(_wire(tp, layer))
     assert sp.activation_mib() < 0.9 * tp.activation_mib()
+
+
+def test_three_ranks_odd_sizes():
+    """3 ranks with vocab 101, ffn 200, 6 heads and MQA, sequence 9: sequence parallelism where
+    the sequence divides, gathers or replication where the other sizes do not — exact."""
+    from test_equivalence import ODD
+    cases = [Case(n, HFModel(c), seq=9, kwargs=SP, other_shapes=((2, 6),)) for n, c in ODD.items()]
+    for rank, res in enumerate(verify(cases, 3)):
+        for r in res:
+            assert not r.error, f"{r.name} rank {rank}:\n{r.error}"
+            assert max(r.logits_err, r.grad_err, r.other_shape_err) <= TOL, (r.name, r.logits_err, r.grad_err)
+            assert r.forward_counts.get("reduce_scatter_tensor"), (r.name, r.forward_counts)   # SP happened
