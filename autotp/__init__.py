@@ -28,7 +28,8 @@ __version__ = "0.1.0"
 
 def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, world_size: int,
          strict: bool = False, link="nvlink-h100", overrides: dict | None = None, training: bool = True,
-         sharded_outputs: bool = False, sequence_parallel: bool = False, dump=None) -> Plan:
+         sharded_outputs: bool = False, sequence_parallel: bool = False, max_activation_bytes: float | None = None,
+         dump=None) -> Plan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks, in this one process.
 
     Needs no process group and no weights: a model on the meta device plans the same way.
@@ -37,14 +38,14 @@ def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None 
     """
     return make_plan(model, example_inputs, example_kwargs, world_size=world_size, strict=strict, link=link,
                      overrides=overrides, training=training, sharded_outputs=sharded_outputs,
-                     sequence_parallel=sequence_parallel, dump=dump)
+                     sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes, dump=dump)
 
 
 def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mesh=None,
                 strict: bool = False, link="nvlink-h100", overrides: dict | None = None,
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
                 check_plan: bool = True, check_inputs: bool = False, sequence_parallel: bool = False,
-                dump=None) -> ParallelModule:
+                max_activation_bytes: float | None = None, dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
@@ -58,13 +59,16 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     ``sequence_parallel=True`` minimises activation memory before communication time: the
     norms and residual adds between sharded matmuls are split along the sequence (Megatron-SP;
     same bytes, each all-reduce becomes a reduce-scatter + all-gather); the sequence length
-    must then divide by the world size.
+    must then divide by the world size.  ``max_activation_bytes`` (per rank, at the planning
+    batch 4 x seq 2048, as ``Plan.activation_mib`` counts): the fastest plan within that cap —
+    the solver splits the sequence only where the cap requires it.
     """
     mesh = tp_mesh(mesh, timeout)
     rank0 = dist.get_rank() == 0
     p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
                   overrides=overrides, training=True, sharded_outputs=sharded_outputs,
-                  sequence_parallel=sequence_parallel, dump=dump if rank0 else False)
+                  sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
+                  dump=dump if rank0 else False)
     if check_plan and mesh.size() > 1:
         _check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs)

@@ -145,9 +145,10 @@ class Plan:
         return tuple(out)
 
     def activation_mib(self) -> float:
-        """Activation memory per rank (MiB) at the planning batch and sequence: every tensor the
-        forward allocates that backward may keep, 1/N of it where the plan shards it.  What
-        ``sequence_parallel=True`` minimises."""
+        """Activation memory per rank (MiB) at the planning batch and sequence, as the solver
+        counts it: every tensor the forward allocates that backward may keep and every
+        redistribution's output, 1/N of it where the plan shards it.  What
+        ``sequence_parallel=True`` minimises and ``max_activation_bytes`` caps."""
         from autotp.passes.solve import activation_mib
         return activation_mib(self.gm, self.ctx)
 
@@ -385,7 +386,7 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
               sharded_outputs: bool = False, dynamic: bool = True, plan_batch: int = 4,
               plan_seq: int = 2048, sequence_parallel: bool = False, carried_state: dict | None = None,
-              dump=None) -> Plan:
+              max_activation_bytes: float | None = None, dump=None) -> Plan:
     """``carried_state``: {output index: input index} (positions among the flattened tensor outputs
     and user inputs) for outputs that are the next value of an input, e.g. a KV cache
     (``autotp.generate``): such an input may be sharded and its output keeps its placement."""
@@ -413,7 +414,8 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
                       sharded_outputs=sharded_outputs, pins=canonical_pins, params=captured.params,
                       buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes,
                       size_names={sym: str(name) for sym, name in captured.symbols.items()},
-                      sequence_parallel=sequence_parallel)
+                      sequence_parallel=sequence_parallel,
+                      max_activation_mib=None if max_activation_bytes is None else max_activation_bytes / 2**20)
     ctx.state_outputs = {o: captured.user_inputs[i] for o, i in (carried_state or {}).items()}
     from autotp.runtime import _static
     for node in captured.gm.graph.nodes:

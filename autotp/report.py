@@ -178,8 +178,9 @@ def memory(plan, dtype: torch.dtype) -> dict:
 
 def activations(plan, batch: int, seq: int, dtype: torch.dtype) -> dict:
     """The solver's activation estimate per rank at ``batch`` x ``seq`` (floating tensors at
-    ``dtype``): every tensor the forward allocates in the autograd graph, 1/N where sharded — an
-    upper bound on what backward keeps; what ``sequence_parallel=True`` minimises."""
+    ``dtype``): every tensor the forward allocates in the autograd graph and every
+    redistribution's output, 1/N where sharded — an upper bound on what backward keeps; what
+    ``sequence_parallel=True`` minimises and ``max_activation_bytes`` caps."""
     import dataclasses
     from autotp.passes.solve import activation_mib
     names = {"batch": batch, "seq": seq}

@@ -100,7 +100,8 @@ def _memory_section(out, m: dict, att: dict | None, c: dict, act: dict | None = 
         sp = "with" if act["sequence_parallel"] else "without"
         out.para(f"Activations per rank, the solver's estimate ({sp} sequence parallelism): "
                  f"{_bytes(act['bytes'])} at batch {c['batch']}, seq {c['seq']} — every tensor the forward allocates "
-                 f"in the autograd graph, 1/N where sharded (an upper bound on what backward keeps).")
+                 f"in the autograd graph and every gathered copy (the logits too), 1/N where sharded (an upper "
+                 f"bound on what backward keeps).")
     if att:
         out.para(f"Flash attention never writes the L x L scores: {_bytes(att['bytes'])} per layer and rank avoided "
                  f"at batch {c['batch']}, seq {c['seq']} ({att['bytes_expr']} = {att['formula']}; "

@@ -100,6 +100,14 @@ class PassContext:
     plan_sizes: dict = dataclasses.field(default_factory=dict)
     size_names: dict = dataclasses.field(default_factory=dict)
     sequence_parallel: bool = False
+    # a cap on activation memory per rank (MiB at the planning sizes, as ``Plan.activation_mib``
+    # counts it): the fastest plan within it — sequence parallelism only where the cap needs it
+    max_activation_mib: float | None = None
+
+    @property
+    def activation_terms(self) -> bool:
+        """Whether the plan weighs activation memory (and may split activations by sequence)."""
+        return self.sequence_parallel or self.max_activation_mib is not None
     state_outputs: dict = dataclasses.field(default_factory=dict)
 
     def note(self, text: str) -> None:

@@ -121,7 +121,7 @@ def _sequence_shards(node: fx.Node, ctx: PassContext) -> set:
     (a reduce-scatter, all-to-all or local chunk gets it there): offering ``S(seq)`` as a
     candidate lets the ops downstream enumerate sequence-sharded strategies."""
     v = node.meta.get("val")
-    if not ctx.sequence_parallel or node.op == "placeholder" or not isinstance(v, torch.Tensor) \
+    if not ctx.activation_terms or node.op == "placeholder" or not isinstance(v, torch.Tensor) \
             or not v.is_floating_point():
         return set()
     out = set()

