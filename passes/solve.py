@@ -424,7 +424,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.max_activation_mib is not None and not ctx.sequence_parallel:
         try:                              # the fastest plan under the cap
             x = lp.solve(tcost, keep + [LinearConstraint(acost.reshape(1, -1), -np.inf, ctx.max_activation_mib)])
-        except AutoTPError as e:
+        except AutoTPError:
             ctx.note(f"no plan keeps activations under {ctx.max_activation_mib:.1f} MiB per rank at the planning "
                      f"sizes: planned for the least activation memory instead (sequence parallelism)")
     if x is None:
