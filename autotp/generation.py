@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from autotp.placement import fmt, local_shape
 from autotp.passes.context import AutoTPError
+from autotp.runtime import adopt
 
 aten = torch.ops.aten
 
@@ -91,12 +92,7 @@ class DecodeStep(nn.Module):
     def __init__(self, model: nn.Module, num_layers: int):
         super().__init__()
         object.__setattr__(self, "_hf", model)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, p in model.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in model.named_buffers(recurse=False):
-            self.register_buffer(name, b)
+        adopt(self, model)
         object.__setattr__(self, "_cache_cls", _cache_classes())
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.num_layers = num_layers

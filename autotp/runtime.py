@@ -57,6 +57,17 @@ def tp_mesh(mesh: DeviceMesh | None, timeout=DEFAULT_TIMEOUT) -> DeviceMesh:
     return mesh
 
 
+def adopt(module: nn.Module, model: nn.Module) -> None:
+    """Make ``model``'s children, own parameters and buffers ``module``'s, under the same names,
+    so ``module.named_parameters()`` reads exactly like ``model``'s."""
+    for name, child in model.named_children():
+        module.add_module(name, child)
+    for name, p in model.named_parameters(recurse=False):
+        module.register_parameter(name, p)
+    for name, b in model.named_buffers(recurse=False):
+        module.register_buffer(name, b)
+
+
 class ParallelModule(nn.Module):
     """A model parallelised by autotp.  Call it like the original model."""
 
@@ -64,12 +75,7 @@ class ParallelModule(nn.Module):
         super().__init__()
         self.check_inputs = check_inputs      # debug: all ranks must pass identical inputs
         self.config = getattr(model, "config", None)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, p in model.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in model.named_buffers(recurse=False):
-            self.register_buffer(name, b)
+        adopt(self, model)
         rank, world = mesh.get_local_rank(), mesh.size()
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "mesh", mesh)

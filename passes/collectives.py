@@ -19,6 +19,7 @@ from autotp.placement import R, fmt
 from autotp.passes.context import PassContext
 from autotp.passes.redistribute import steps
 from autotp.passes.rules import tensor_inputs, val
+from autotp.passes.rules.views import RESHAPES
 
 
 def _placement(node: fx.Node):
@@ -125,7 +126,7 @@ def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
         if node.op != "call_function" or node.target is not comm.reduce_grad:
             continue
         gather = node.args[0]
-        while isinstance(gather, fx.Node) and gather.target in _RESHAPES and len(gather.users) == 1:
+        while isinstance(gather, fx.Node) and gather.target in RESHAPES and len(gather.users) == 1:
             gather = gather.args[0]
         if not (isinstance(gather, fx.Node) and gather.target is comm.all_gather and len(gather.users) == 1):
             continue
@@ -234,10 +235,6 @@ def _full_slice(node: fx.Node) -> bool:
     start, end, step = args[2] or 0, args[3], args[4] if args[4] is not None else 1
     size = val(node.args[0]).shape[args[1] % val(node.args[0]).ndim]
     return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= size))
-
-
-_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-             torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.flatten.using_ints)
 
 
 def _carries_grad(t: fx.Node) -> bool:

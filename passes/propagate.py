@@ -66,8 +66,8 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                 if any(p != R for a in tensor_inputs(node) for p in candidates.get(a, ())):
                     unknown.setdefault(str(node.target), []).append(node)
             else:
-                batch = _batch_info(node, ctx) if ctx.size_names else None     # once for all strategies
-                strategies = [s for s in rule(node, rctx) if not _splits_batch(node, s, ctx, batch)]
+                batch = _batch_info(node, ctx) if ctx.size_names else None
+                strategies = [s for s in rule(node, rctx) if batch is None or not _splits_batch(s, batch)]
         else:
             continue
         meta(node)["strategies"] = strategies
@@ -80,36 +80,25 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     return gm
 
 
-def _batch_dims(node: fx.Node, ctx: PassContext) -> list:
-    """Per tensor (output(s), then inputs): the dims whose size is the batch symbol alone."""
-    def dims(v):
-        if not isinstance(v, torch.Tensor):
-            return set()
-        return {d for d, size in enumerate(v.shape) if isinstance(size, torch.SymInt)
-                and {ctx.size_names.get(s) for s in size.node.expr.free_symbols} == {"batch"}}
-    return dims
-
-
 def _batch_info(node: fx.Node, ctx: PassContext) -> tuple:
-    """What ``_splits_batch`` reads of ``node``: its value(s), its tensor inputs' values and
-    their batch dims (memoised per tensor) — the same for every strategy of the node."""
-    dims_of, memo = _batch_dims(node, ctx), {}
+    """What ``_splits_batch`` reads of ``node``, once for all its strategies: its value(s), its
+    tensor inputs' values, and ``dims(t)``: the dims of ``t`` whose size is the batch symbol alone."""
+    memo: dict = {}
 
-    def dims(t):
+    def dims(t: torch.Tensor) -> set:
         if id(t) not in memo:
-            memo[id(t)] = dims_of(t)
+            memo[id(t)] = {d for d, size in enumerate(t.shape) if isinstance(size, torch.SymInt)
+                           and {ctx.size_names.get(x) for x in size.node.expr.free_symbols} == {"batch"}}
         return memo[id(t)]
     return node.meta.get("val"), [a.meta.get("val") for a in tensor_inputs(node)], dims
 
 
-def _splits_batch(node: fx.Node, s: Strategy, ctx: PassContext, batch: tuple | None = None) -> bool:
+def _splits_batch(s: Strategy, batch: tuple) -> bool:
     """A strategy that splits the batch dim: valid, but batch belongs to data parallelism — it
     may be 1 or odd at run time, where the plan would then fail.  Tensor parallelism splits
     weights, heads and (with ``sequence_parallel``) the sequence, never the batch.  ``batch``:
-    ``_batch_info(node, ctx)``, computed once per node by the caller."""
-    if not ctx.size_names:
-        return False
-    v, in_vals, dims = batch if batch is not None else _batch_info(node, ctx)
+    ``_batch_info(node, ctx)``."""
+    v, in_vals, dims = batch
     outs = list(zip(v, s.output)) if isinstance(s.output, tuple) and isinstance(v, (tuple, list)) else [(v, s.output)]
     ins = list(zip(in_vals, s.inputs))
     return any(p is not None and is_shard(p) and p.dim % max(t.ndim, 1) in dims(t)

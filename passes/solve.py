@@ -58,6 +58,7 @@ from autotp.passes.context import AutoTPError, PassContext, node_layer
 from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
+from autotp.passes.rules.views import RESHAPES
 from autotp.placement import R, is_shard, split_factor
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
@@ -123,9 +124,6 @@ def _planned(v: torch.Tensor, ctx: PassContext) -> float:
             n *= int(s)
     return float(n * v.element_size())
 
-
-_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-             torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.flatten.using_ints)
 
 _WEIGHT_VIEWS = {"aten.transpose.int", "aten.t.default", "aten.numpy_T.default", "aten.view.default", "aten.reshape.default",
                  "aten.permute.default", "aten.to.dtype", "aten._to_copy.default", "aten.alias.default",
@@ -374,7 +372,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             for j in pvars:
                 row[j] = row.get(j, 0.0) - 1.0
             lp.row(row, 0.0, 0.0)
-        if v is not None and v.target in _RESHAPES:
+        if v is not None and v.target in RESHAPES:
             gathered_into[v] = gathers + gathered_into.get(t, [])
         if sharded_use and t in grad:
             if ct not in freduce:

@@ -19,6 +19,12 @@ from autotp.placement import D, P, R, S, Placement, is_shard, split_factor
 
 aten = torch.ops.aten
 
+# Ops that only re-shape a tensor (no data movement of their own): collectives commute with them.
+# The solver's pricing of the fused gather (``comm.all_gather_rs``) and the collectives pass that
+# fuses it look through exactly these.
+RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.flatten.using_ints)
+
 
 def dim_groups(ishape, oshape) -> list[tuple[list[int], list[int]]]:
     """Split a reshape into independent groups of (input dims, output dims) with equal products."""
