@@ -20,14 +20,29 @@ function               forward                      backward
 ``scatter``            R -> S   keep own chunk      all-gather
 ``reduce_scatter``     P -> S   reduce-scatter      all-gather
 ``all_to_all``         S(a)->S(b) all-to-all        all-to-all back
+``moe_dispatch``       L -> X   all-to-all (rows     all-to-all back
+                       to their experts' ranks)
+``moe_combine``        X -> L   all-to-all back      all-to-all
+``scatter_tokens``     R -> L   own tokens' rows     all-gather
+``gather_tokens``      L -> R   all-gather           own tokens' rows
+``gather_tokens_rs``   L -> R   all-gather           reduce-scatter
+``reduce_scatter_      P -> L   reduce-scatter       all-gather
+tokens``
 =====================  ===========================  ===========================
+
+``moe_dispatch`` / ``moe_combine`` move rows of variable count: the split sizes come from the
+routing (``offs``, each expert's end row on this rank's tokens) and are exchanged once per
+dispatch with a small all-gather of the per-expert counts; the combine reuses them.
 
 The collectives are torch's functional collectives (``_c10d_functional``), so
 ``CommDebugMode`` counts them and ``torch.compile`` can trace them.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 _c10d = torch.ops._c10d_functional
 
@@ -205,4 +220,122 @@ def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group: str, world: i
     return _AllToAll.apply(x, src_dim, dst_dim, group, world, rank)
 
 
-COLLECTIVES = (all_reduce, reduce_grad, all_gather, all_gather_rs, scatter, reduce_scatter, all_to_all)
+# ---- token-local rows (placement L, passes/rules/tokens.py): a flatten of sequence-sharded dims ----
+# ``x``'s dim ``dim`` is the flatten of dims of sizes ``sizes`` (the full sizes, at run time), of
+# which number ``k`` is the sequence; a rank's rows are the flatten of its sequence slice.
+
+def scatter_tokens(x: torch.Tensor, dim: int, k: int, group: str, world: int, rank: int, *sizes) -> torch.Tensor:
+    """R -> L: this rank's tokens' rows (no communication), all-gather backward."""
+    v = scatter(x.unflatten(dim, sizes), dim + k, 1, group, world, rank)
+    return v.flatten(dim, dim + len(sizes) - 1)
+
+
+def gather_tokens(x: torch.Tensor, dim: int, k: int, group: str, world: int, rank: int, *sizes) -> torch.Tensor:
+    """L -> R: every rank's tokens' rows, in token order; own rows backward."""
+    local = [s // world if i == k else s for i, s in enumerate(sizes)]
+    v = all_gather(x.unflatten(dim, local), dim + k, 1, group, world, rank)
+    return v.flatten(dim, dim + len(sizes) - 1)
+
+
+def gather_tokens_rs(x: torch.Tensor, dim: int, k: int, group: str, world: int, rank: int, *sizes) -> torch.Tensor:
+    """``gather_tokens`` for sharded consumers: reduce-scatter backward (as ``all_gather_rs``)."""
+    local = [s // world if i == k else s for i, s in enumerate(sizes)]
+    v = all_gather_rs(x.unflatten(dim, local), dim + k, 1, group, world, rank)
+    return v.flatten(dim, dim + len(sizes) - 1)
+
+
+def reduce_scatter_tokens(x: torch.Tensor, dim: int, k: int, group: str, world: int, rank: int,
+                          *sizes) -> torch.Tensor:
+    """P -> L: the sum over ranks of this rank's tokens' rows; all-gather backward."""
+    v = reduce_scatter(x.unflatten(dim, sizes), dim + k, 1, group, world, rank)
+    return v.flatten(dim, dim + len(sizes) - 1)
+
+
+TOKEN_COLLECTIVES = (scatter_tokens, gather_tokens, gather_tokens_rs, reduce_scatter_tokens)
+
+
+# ---- expert parallelism: rows to the ranks that hold their experts, and back ----
+
+@dataclasses.dataclass
+class _Route:
+    """Where this rank's expert-sorted rows go and what comes back, for one routing (``offs``)."""
+    send: list                # rows this rank sends to each rank (its tokens' rows for their experts)
+    recv: list                # rows this rank receives from each rank (for its own experts)
+    order: torch.Tensor       # received rows (by source rank) -> grouped by local expert
+    inverse: torch.Tensor     # and back
+    local_offs: torch.Tensor  # end row of each local expert in the grouped rows
+
+
+def _route(offs: torch.Tensor, group, world: int, rank: int) -> _Route:
+    """The split sizes of one routing: ``offs`` (E,) holds each expert's end row among this
+    rank's rows sorted by expert (a cumsum of counts).  One all-gather of the per-expert counts
+    tells every rank what it receives; the result is kept for the combine and the grouped
+    matmuls in between (kept on the ``offs`` tensor itself, which lives for one forward)."""
+    hit = getattr(offs, "_autotp_route", None)
+    if hit is not None and hit[0] == offs._version:          # not written to since
+        return hit[1]
+    n_exp = offs.shape[0]
+    per = n_exp // world
+    ends = offs.detach().to(torch.long)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))                       # (E,) rows per expert
+    if world > 1:
+        every = _wait(_c10d.all_gather_into_tensor(counts.contiguous(), world, _group_name(group)))
+    else:
+        every = counts
+    mine = every.view(world, n_exp)[:, rank * per:(rank + 1) * per]            # (source rank, local expert)
+    send = counts.view(world, per).sum(1).tolist()
+    recv = mine.sum(1).tolist()
+    # received rows are source-major (each source's rows sorted by expert); group them by expert
+    start = torch.cumsum(mine.flatten(), 0) - mine.flatten()                   # block (src, e) start
+    blocks, starts = mine.t().flatten(), start.view(world, per).t().flatten()  # expert-major blocks
+    total = int(blocks.sum())
+    order = torch.repeat_interleave(starts - (torch.cumsum(blocks, 0) - blocks), blocks) + \
+        torch.arange(total, device=offs.device)
+    route = _Route(send, recv, order, torch.argsort(order), torch.cumsum(mine.sum(0), 0).to(offs.dtype))
+    offs._autotp_route = (offs._version, route)
+    return route
+
+
+class _VariableAllToAll(torch.autograd.Function):
+    """Rows of ``x`` (dim 0): ``send[j]`` consecutive rows to rank j, ``recv[j]`` rows from it."""
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.args = (send, recv, group)
+        return _wait(_c10d.all_to_all_single(x.contiguous(), recv, send, _group_name(group)))
+
+    @staticmethod
+    def backward(ctx, g):
+        send, recv, group = ctx.args
+        return _wait(_c10d.all_to_all_single(g.contiguous(), send, recv, _group_name(group))), None, None, None
+
+
+def moe_dispatch(x: torch.Tensor, offs: torch.Tensor, group: str, world: int, rank: int) -> torch.Tensor:
+    """L -> X: this rank's rows, sorted by expert (``offs`` ends each expert's block), go to the
+    ranks that own their experts (rank r owns experts [r E/N, (r+1) E/N)); the rows received
+    come back grouped by local expert.  All-to-all forward, the reverse all-to-all backward."""
+    route = _route(offs, group, world, rank)
+    y = _VariableAllToAll.apply(x, route.send, route.recv, group) if world > 1 else x
+    return y[route.order]
+
+
+def moe_combine(y: torch.Tensor, offs: torch.Tensor, group: str, world: int, rank: int) -> torch.Tensor:
+    """X -> L: the expert outputs go back to the ranks whose tokens they belong to, in the
+    order ``moe_dispatch`` took them (the same routing ``offs``)."""
+    route = _route(offs, group, world, rank)
+    y = y[route.inverse]
+    return _VariableAllToAll.apply(y, route.recv, route.send, group) if world > 1 else y
+
+
+def expert_grouped_mm(x: torch.Tensor, w_local: torch.Tensor, offs: torch.Tensor, op) -> torch.Tensor:
+    """The grouped matmul on the rows ``moe_dispatch`` delivered: this rank's E/N experts, each
+    expert's rows from every rank together (``offs`` is the routing the dispatch used)."""
+    route = getattr(offs, "_autotp_route", (None, None))[1]
+    if route is None:
+        if isinstance(x, FakeTensor):                          # shape check: the output shape only
+            return op(x, w_local, offs.new_zeros(w_local.shape[0]))
+        raise RuntimeError("expert_grouped_mm: no moe_dispatch ran for this routing")
+    return op(x, w_local, route.local_offs)
+
+
+COLLECTIVES = (all_reduce, reduce_grad, all_gather, all_gather_rs, scatter, reduce_scatter, all_to_all,
+               moe_dispatch, moe_combine) + TOKEN_COLLECTIVES

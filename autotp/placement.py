@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
-__all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "D", "DisjointPartial", "shard_dim", "split_factor",
-           "is_shard", "fmt", "local_shape", "local_chunk", "normalize"]
+__all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "D", "DisjointPartial", "TokenLocal", "L", "X",
+           "ExpertRows", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk",
+           "normalize"]
 
 R = Replicate()
 P = Partial()
@@ -41,6 +42,68 @@ class DisjointPartial:
 D = DisjointPartial()
 
 
+class TokenLocal:
+    """``L(dim)``: the tensor is the model's own expression evaluated on *this rank's tokens*
+    (the sequence shard), with ``dim`` running over them — data parallelism over tokens inside
+    a region whose ops treat tokens independently (a MoE block's router and dispatch).  Its
+    local size along ``dim`` is 1/N of the full one, like ``Shard``; unlike ``Shard`` the
+    local rows are not one contiguous block of the full tensor, so only the token-local rules
+    (``passes/rules/tokens.py``) accept it, and it leaves the region only through the view
+    that undoes the flatten it entered by (back to ``Shard(seq)``), a sum over tokens
+    (``Partial``) or the expert dispatch (``X``).
+
+    kind: what the rows and values are —
+      ``o``  rows in token order (the order the flatten made), values are data;
+      ``s``  rows in the order of a sort over the rows (``sort`` node: see ``tokens.sort_key``);
+      ``sp`` as ``s``, values are row positions of an ``o`` tensor (sort indices);
+      ``op`` rows in order, values are their own positions (``arange`` over the rows);
+      ``ip`` rows in order, values are positions in the sorted order (the inverse permutation).
+    origin: for ``o`` tensors, the symbolic sizes of the dims the flatten merged and which of
+      them is the sharded sequence dim — the exit view must split them back the same way.
+    """
+    __slots__ = ("dim", "kind", "origin")
+
+    def __init__(self, dim: int, kind: str = "o", origin: tuple | None = None):
+        self.dim, self.kind, self.origin = dim, kind, origin
+
+    def _key(self):
+        return (self.dim, self.kind, self.origin)
+
+    def __eq__(self, other):
+        return isinstance(other, TokenLocal) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(("TokenLocal",) + self._key())
+
+    def __repr__(self):
+        return f"TokenLocal({self.dim}, {self.kind!r}, {self.origin!r})"
+
+
+def L(dim: int, kind: str = "o", origin: tuple | None = None) -> TokenLocal:
+    return TokenLocal(dim, kind, origin)
+
+
+class ExpertRows:
+    """``X``: the rows (dim 0) routed to *this rank's experts* from every rank's tokens, grouped
+    by expert — the layout between an expert-parallel dispatch and its combine (all-to-alls
+    with split sizes from the routing; ``comm.moe_dispatch``).  Its row count depends on the
+    routing; 1/N of the full rows when the load is balanced (what the cost model assumes)."""
+
+    def __eq__(self, other):
+        return isinstance(other, ExpertRows)
+
+    def __hash__(self):
+        return hash("ExpertRows")
+
+    def __repr__(self):
+        return "ExpertRows()"
+
+    dim = 0
+
+
+X = ExpertRows()
+
+
 def S(dim: int, factor: int = 1) -> Placement:
     """Shard on ``dim``; ``factor > 1`` gives the strided layout of a fused dimension."""
     return Shard(dim) if factor == 1 else _StridedShard(dim, split_factor=factor)
@@ -52,6 +115,11 @@ def is_shard(p: Placement) -> bool:
 
 def shard_dim(p: Placement) -> int | None:
     return p.dim if is_shard(p) else None
+
+
+def splits(p) -> bool:
+    """Whether a rank holds 1/N of the tensor along one dim (shards, token-local, expert rows)."""
+    return is_shard(p) or isinstance(p, (TokenLocal, ExpertRows))
 
 
 def split_factor(p: Placement) -> int:
@@ -77,6 +145,10 @@ def fmt(p: Placement | tuple | None) -> str:
         return "P"
     if isinstance(p, DisjointPartial):
         return "D"
+    if isinstance(p, TokenLocal):
+        return f"L({p.dim})" + ("" if p.kind == "o" else p.kind)
+    if isinstance(p, ExpertRows):
+        return "X"
     f = split_factor(p)
     return f"S({p.dim})" + (f"x{f}" if f > 1 else "")
 
@@ -87,7 +159,7 @@ def can_shard(size: int, factor: int, world: int) -> bool:
 
 def local_shape(shape, p: Placement, world: int) -> list[int]:
     shape = list(shape)
-    if is_shard(p):
+    if splits(p):
         shape[p.dim] = shape[p.dim] // world
     return shape
 

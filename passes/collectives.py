@@ -59,9 +59,23 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         cur, cur_p = t, src
         route = steps(src, dst)
         for step in route:
-            with graph.inserting_after(cur):
-                extra = (ctx.world, ctx.rank) if step.fn not in (comm.all_reduce,) else ()
-                new = graph.call_function(step.fn, (cur, *step.args, ctx.group, *extra))
+            extra = (ctx.world, ctx.rank) if step.fn not in (comm.all_reduce,) else ()
+            if step.fn in (comm.moe_dispatch, comm.moe_combine):
+                # the routing's split sizes: the grouped matmul's offs (dispatch), or that of the
+                # grouped matmuls the expert rows came from (combine)
+                offs = consumer.args[2] if step.fn is comm.moe_dispatch else _routing_of(cur)
+                order = {n: i for i, n in enumerate(graph.nodes)}
+                at = graph.inserting_after(cur) if order[offs] < order[cur] else graph.inserting_before(consumer)
+                with at:
+                    new = graph.call_function(step.fn, (cur, offs, ctx.group, *extra))
+            elif step.fn in comm.TOKEN_COLLECTIVES:
+                dim, (exprs, k) = step.args
+                sizes = [_size_node(graph, e) for e in exprs]
+                with graph.inserting_after(cur):
+                    new = graph.call_function(step.fn, (cur, dim, k, ctx.group, *extra, *sizes))
+            else:
+                with graph.inserting_after(cur):
+                    new = graph.call_function(step.fn, (cur, *step.args, ctx.group, *extra))
             new.meta["val"], new.meta["autotp_val"] = t.meta["val"], val(t)
             _copy_meta(t if t.op != "placeholder" else consumer, new)   # it belongs to the producer
             new_p = dst if step is route[-1] else R
@@ -128,11 +142,12 @@ def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
         gather = node.args[0]
         while isinstance(gather, fx.Node) and gather.target in RESHAPES and len(gather.users) == 1:
             gather = gather.args[0]
-        if not (isinstance(gather, fx.Node) and gather.target is comm.all_gather and len(gather.users) == 1):
+        fused = {comm.all_gather: comm.all_gather_rs, comm.gather_tokens: comm.gather_tokens_rs}
+        if not (isinstance(gather, fx.Node) and gather.target in fused and len(gather.users) == 1):
             continue
         info = gather.meta["autotp"]
-        gather.target = comm.all_gather_rs
-        info.update(collective="all_gather_rs", backward="reduce_scatter",
+        gather.target = fused[gather.target]
+        info.update(collective=gather.target.__name__, backward="reduce_scatter",
                     reason=info["reason"] + "; its consumers are sharded, so the gradient is reduce-scattered")
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
@@ -235,6 +250,37 @@ def _full_slice(node: fx.Node) -> bool:
     start, end, step = args[2] or 0, args[3], args[4] if args[4] is not None else 1
     size = val(node.args[0]).shape[args[1] % val(node.args[0]).ndim]
     return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= size))
+
+
+def _size_node(graph: fx.Graph, expr: str):
+    """The run-time value of a size: an int, or ``sym_size`` of the first user input that has a
+    dim of exactly that size symbol (made once, right after the inputs)."""
+    if expr.lstrip("-").isdigit():
+        return int(expr)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.sym_size.int and n.meta.get("autotp_size") == expr:
+            return n
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        v = ph.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):
+                if isinstance(size, torch.SymInt) and str(size.node.expr) == expr:
+                    with graph.inserting_after(placeholders[-1]):
+                        node = graph.call_function(torch.ops.aten.sym_size.int, (ph, d))
+                    node.meta["val"], node.meta["autotp_size"] = size, expr
+                    node.meta["autotp"] = {}
+                    return node
+    raise AssertionError(f"no input has a dim of size {expr}")
+
+
+def _routing_of(t: fx.Node) -> fx.Node:
+    """The ``offs`` of the grouped matmuls that produced expert rows ``t`` (exactly one)."""
+    from autotp.passes.rules.moe import partition_key
+    keys = partition_key(t)
+    if len(keys) != 1:
+        raise AssertionError(f"{t.name}: expert rows from {len(keys)} routings")
+    return next(iter(keys))
 
 
 def _carries_grad(t: fx.Node) -> bool:

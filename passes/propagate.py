@@ -13,7 +13,8 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.context import AutoTPError, PassContext, where
-from autotp.passes.rules import RuleContext, Strategy, find_rule, replicate_strategy, tensor_inputs, val
+from autotp.passes.rules import RuleContext, Strategy, dedupe, find_rule, replicate_strategy, tensor_inputs, val
+from autotp.passes.rules.tokens import seq_symbols, token_strategies
 from autotp.placement import R, S, can_shard, is_shard
 
 aten = torch.ops.aten
@@ -42,6 +43,7 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     candidates: dict[fx.Node, set] = {}
     rctx = RuleContext(world=ctx.world, factors=factors, _candidates=candidates)
     unknown: dict[str, list[fx.Node]] = {}
+    seq_syms = seq_symbols(ctx.size_names) if ctx.activation_terms else frozenset()
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -60,14 +62,17 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             if not _has_tensor(v):
                 continue
             rule = find_rule(node.target)
+            extra = token_strategies(node, rctx, seq_syms) if seq_syms else []
             if rule is None:
                 strategies = [replicate_strategy(node)]
                 # only worth saying when the op could have received something sharded
-                if any(p != R for a in tensor_inputs(node) for p in candidates.get(a, ())):
+                if not extra and any(p != R for a in tensor_inputs(node) for p in candidates.get(a, ())):
                     unknown.setdefault(str(node.target), []).append(node)
             else:
                 batch = _batch_info(node, ctx) if ctx.size_names else None
                 strategies = [s for s in rule(node, rctx) if batch is None or not _splits_batch(s, batch)]
+            if extra:                     # token-local strategies (tokens.py) beside the op's own
+                strategies = dedupe(strategies + extra)
         else:
             continue
         meta(node)["strategies"] = strategies

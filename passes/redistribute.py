@@ -2,7 +2,9 @@
 
 ``steps(src, dst)`` is the list of ``autotp.comm`` functions that turn a tensor placed
 ``src`` into one placed ``dst`` (forward), with the collective each runs forward and
-backward.  ``None`` means impossible: nothing becomes ``Partial`` except a partial sum.
+backward.  ``None`` means impossible: nothing becomes ``Partial`` except a partial sum, and a
+token-local tensor (``L``) changes placement only between the expert dispatch and combine
+(``L`` sorted by expert <-> ``X``, an all-to-all with split sizes from the routing).
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import dataclasses
 
 from autotp import comm
 from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
-from autotp.placement import D, P, R, Placement, split_factor
+from autotp.placement import D, P, R, ExpertRows, Placement, TokenLocal, split_factor
+
+
+X_ROWS = ExpertRows()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +29,21 @@ class Step:
 def steps(src: Placement, dst: Placement) -> list[Step] | None:
     if src == dst:
         return []
+    if isinstance(src, TokenLocal) and dst == X_ROWS:
+        # rows sorted by expert on each rank's tokens -> the rows of this rank's experts
+        return [Step(comm.moe_dispatch, (), ALL_TO_ALL, ALL_TO_ALL)] if src.kind == "s" else None
+    if src == X_ROWS and isinstance(dst, TokenLocal):
+        return [Step(comm.moe_combine, (), ALL_TO_ALL, ALL_TO_ALL)] if dst.kind == "s" else None
+    if isinstance(dst, TokenLocal) and dst.kind == "o" and dst.origin is not None:
+        args = (dst.dim, dst.origin)  # rows in token order: this rank's slice of the merged dims
+        if src == R:
+            return [Step(comm.scatter_tokens, args, None, ALL_GATHER)]
+        if src in (P, D):
+            return [Step(comm.reduce_scatter_tokens, args, REDUCE_SCATTER, ALL_GATHER)]
+    if isinstance(src, TokenLocal) and src.kind == "o" and src.origin is not None and dst == R:
+        return [Step(comm.gather_tokens, (src.dim, src.origin), ALL_GATHER, None)]
+    if isinstance(src, (TokenLocal, ExpertRows)) or isinstance(dst, (TokenLocal, ExpertRows)):
+        return None                   # other token-local tensors leave their region only through ops
     if src == D and dst == P:
         return []                     # a disjoint partial sum is a partial sum as it stands
     if dst in (P, D):

@@ -59,7 +59,7 @@ from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.views import RESHAPES
-from autotp.placement import R, is_shard, split_factor
+from autotp.placement import R, is_shard, split_factor, splits
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
 SMALL_WEIGHT = 0.1   # matrices under this fraction of the median matrix are not memory-critical
@@ -198,7 +198,7 @@ def activation_bytes(node: fx.Node, output, ctx: PassContext) -> float:
     total = 0.0
     for t, p in zip(vs, ps):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
-            total += _planned(t, ctx) / (ctx.world if p is not None and is_shard(p) else 1)
+            total += _planned(t, ctx) / (ctx.world if p is not None and splits(p) else 1)
     return total / 2**20
 
 
@@ -233,7 +233,7 @@ def activation_mib(gm: fx.GraphModule, ctx: PassContext) -> float:
             have = t.meta.get("autotp", {}).get("placement")
             if have is not None and have != need and t not in weight_like and (t, need) not in moved:
                 moved.add((t, need))
-                total += planned_bytes(t, ctx) / (ctx.world if is_shard(need) else 1) / 2**20
+                total += planned_bytes(t, ctx) / (ctx.world if splits(need) else 1) / 2**20
     return total
 
 
@@ -355,7 +355,7 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     gathers.append(e[q, p])
                 key = (ct, q, p)
                 if key not in redist:
-                    act = nbytes / (world if is_shard(p) else 1) / 2**20 if sp and nbytes else 0.0
+                    act = nbytes / (world if splits(p) else 1) / 2**20 if sp and nbytes else 0.0
                     redist[key] = lp.var(integral=False)
                     unit_cost[redist[key]] = (ct, cost * 1e6, act)
                 lp.row({redist[key]: 1.0, e[q, p]: -1.0}, 0.0, np.inf)

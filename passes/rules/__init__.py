@@ -17,6 +17,8 @@ Where a rule lives:
 ``attention.py``   scaled_dot_product_attention (heads / batch split)
 ``moe.py``         grouped matmul over stacked expert weights
 ``indexing.py``    index_copy (a static KV cache's update)
+``tokens.py``      token-local strategies (``L``) for any op, added to its own rule's:
+                   a MoE block routed on each rank's own tokens, experts reached by all-to-all
 =================  ============================================================
 
 An op with no rule runs replicated (all inputs gathered first); the plan lists every such op
@@ -32,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import D, P, R, S, Placement, can_shard, split_factor
+from autotp.placement import D, P, R, S, ExpertRows, Placement, TokenLocal, can_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -131,6 +133,10 @@ def placement_key(p) -> tuple:
         return (1, 0, 0)
     if p == D:
         return (1, 1, 0)
+    if isinstance(p, TokenLocal):
+        return (3, p.dim, p.kind, str(p.origin))
+    if isinstance(p, ExpertRows):
+        return (4, 0, 0)
     return (2, p.dim, split_factor(p))
 
 

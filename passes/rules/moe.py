@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
-from autotp.placement import D, P, R, S, is_shard, split_factor
+from autotp import comm
+from autotp.placement import D, P, R, S, X, TokenLocal, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -96,4 +97,16 @@ def grouped_mm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
         # (replicated activations), each rank runs its experts' rows, the rest stay zero (D)
         strategies.append(Strategy((R, S(0), R), D, localize=_localize_expert_parallel))
         strategies.append(Strategy((D, S(0), R), D, localize=_localize_expert_parallel))
+        if any(isinstance(p, TokenLocal) and p.kind == "s" for p in ctx.candidates(x)) or X in ctx.candidates(x):
+            # token-local routing (tokens split by sequence, see tokens.py): the rows sorted by
+            # expert are dispatched to their experts' ranks (L -> X, an all-to-all), offs is the
+            # partial (this rank's) cumsum of expert counts the dispatch reads its split sizes from
+            strategies.append(Strategy((X, S(0), P), X, localize=_localize_dispatched))
     return dedupe(strategies)
+
+
+def _localize_dispatched(node: fx.Node, strategy: Strategy, lctx) -> None:
+    x, w, offs = node.args[:3]
+    node.args = (x, w, offs, node.target)
+    node.kwargs = {}
+    node.target = comm.expert_grouped_mm

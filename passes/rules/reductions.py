@@ -77,7 +77,10 @@ def softmax_rule(node, ctx):
     keep = node.target not in (aten.argmax.default, aten.argmin.default) or _keepdim(node)
     if not keep:
         return [replicate_strategy(node)]
-    return _along_dim_rule(node, ctx, dim)
+    strategies = _along_dim_rule(node, ctx, dim)
+    if node.target == aten.cumsum.default and P in ctx.candidates(node.args[0]):
+        strategies.append(Strategy((P,), P))             # linear: the cumsum of a partial sum is partial
+    return strategies
 
 
 @register_rule(aten.topk.default, aten.sort.default, aten.sort.stable)

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from autotp.passes.rules import (RuleContext, Strategy, dedupe, register_rule, replicate_strategy, sym_val,
                                  tensor_inputs, val)
-from autotp.placement import D, P, R, S, Placement, is_shard, split_factor
+from autotp.placement import D, P, R, S, Placement, is_shard, split_factor, splits
 
 aten = torch.ops.aten
 
@@ -52,8 +52,10 @@ def view_placement(ishape, oshape, p: Placement, world: int, symbolic=()) -> Pla
     would not stay contiguous blocks (the view then needs the input replicated).  ``symbolic``:
     input dims whose size varies at run time (batch, sequence); a strided factor made from one
     would hold only at the example's size, so such views get no sharded placement."""
-    if not is_shard(p):
+    if p in (R, P, D):
         return p
+    if not is_shard(p):
+        return None                   # token-local rows: views of them are tokens.py's
     d, f = p.dim % len(ishape), split_factor(p)
     for gi, gj in dim_groups(ishape, oshape):
         if d not in gi:
@@ -80,7 +82,7 @@ def view_placement(ishape, oshape, p: Placement, world: int, symbolic=()) -> Pla
 def _localize_shape(node: fx.Node, strategy: Strategy, lctx) -> None:
     """Divide the sharded dim's entry of the target-shape argument by the world size.  Other
     entries stay as traced (symbolic batch/sequence sizes keep working; -1 still infers)."""
-    if not is_shard(strategy.output):
+    if not splits(strategy.output):
         return
     shape = list(node.args[1])
     d = strategy.output.dim

@@ -1,0 +1,409 @@
+"""Token-local strategies (placement ``L``): a region run on each rank's own tokens.
+
+Under sequence parallelism every rank holds a slice of the sequence.  A mixture-of-experts
+block treats tokens independently: it routes each token, sorts the rows by expert, runs the
+experts, un-sorts and sums over the top-k.  Run that code on this rank's tokens alone (data
+parallelism over tokens, as torchtitan's expert parallelism does) and the only communication
+left is moving rows to the ranks that own their experts and back: one all-to-all each way
+(``comm.moe_dispatch`` / ``comm.moe_combine``), ``tokens x top_k x d x (N-1)/N`` bytes per
+rank instead of all-gathering and reduce-scattering every token.
+
+``L(dim, kind, origin)`` (``autotp.placement.TokenLocal``) says a tensor *is the model's own
+expression evaluated on this rank's tokens*.  Running an op on such inputs always gives the op's
+expression on this rank's tokens; what needs proof is that the region's result is the rank's
+slice of the full result (token separability).  The rules below only build chains for which it
+holds, tracking what the rows and values of each tensor are (``kind``):
+
+* the region starts at a view that merges a sequence-sharded dim ``S(seq)`` with others into one
+  row dim (``(B, S/N, d) -> (B*S/N, d)``: ``L(0)``, rows in token order, kind ``o``) and ends
+  at the view that splits it back the same way (``origin`` records the merged sizes);
+* ops that act on every row alone keep ``L``: elementwise ops, matmuls by replicated weights,
+  reductions / softmax / top-k along other dims, views that keep the row dim leading;
+* a *sort over the rows* gives rows in sorted order (``s``) and sort indices (``sp``: positions of
+  the sorted rows in the token-ordered tensor); ``x[idx]`` with ``x`` in token order and ``idx``
+  sort indices (or sort indices floor-divided by the slots per token, checked from the sizes)
+  gives sorted rows; ``index_put_(base, [sort indices], arange)`` gives the inverse permutation
+  (``ip``); sorted rows indexed by it are back in token order.  Positions are only ever used
+  to index the tensors they were made from, so local positions are right locally;
+* a sum over the rows (``histc`` counts, ``sum``) is a ``Partial`` sum over ranks;
+* the grouped matmul over stacked expert weights ``S(0)`` takes rows sorted by expert as ``X``
+  (``ExpertRows``: the rows of this rank's experts, after the dispatch) — see ``moe.py``.
+
+Anything else (a cumsum over tokens, a slice of the rows, positions used as values, mixing two
+sorts) has no token-local strategy, so the solver keeps the region replicated or sharded by the
+ordinary rules.  These strategies are offered only when the plan splits the sequence.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from autotp.placement import P, R, S, ExpertRows, TokenLocal, is_shard, split_factor
+from autotp.passes.rules import RuleContext, Strategy, dedupe, sym_val, tensor_inputs, val
+from autotp.passes.rules.views import RESHAPES, dim_groups
+
+aten = torch.ops.aten
+
+DATA = ("o", "s")                    # kinds whose values are data (positions kinds: sp, op, ip)
+X = ExpertRows()
+
+_ROWWISE_POSITIONS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.alias.default,
+                      aten.contiguous.default, aten.detach.default, aten.empty_like.default}
+_REDUCE = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default}
+_ALONG = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
+          aten.topk.default, aten.sort.default, aten.sort.stable, aten.argmax.default, aten.argmin.default}
+_MATMUL = {aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default}
+
+
+def token_strategies(node: fx.Node, ctx: RuleContext, seq_syms: frozenset) -> list[Strategy]:
+    """Extra strategies for ``node`` with token-local inputs or outputs (empty if none apply)."""
+    if node.op != "call_function" or not seq_syms:
+        return []
+    target = node.target
+    if target in (aten.arange.default, aten.arange.start):
+        return _arange(node, seq_syms)
+    ins = tensor_inputs(node)
+    local = [[p for p in ctx.candidates(a) if isinstance(p, (TokenLocal, ExpertRows))] for a in ins]
+    if target in RESHAPES:
+        return _views(node, ctx, seq_syms)
+    if not any(local):
+        return []
+    if target in (aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default):
+        return _split(node, local[0])
+    if target in _MATMUL:
+        return _matmul(node, ins, local, seq_syms)
+    if target in _REDUCE:
+        return _reduce(node, local[0])
+    if target in _ALONG:
+        return _along(node, local[0])
+    if target == aten.histc.default:
+        return [Strategy((p,), P) for p in local[0] if isinstance(p, TokenLocal) and p.kind in DATA]
+    if target == aten.index.Tensor:
+        return _index(node, ins, local, seq_syms)
+    if target in (aten.index_put_.default, aten.index_put.default):
+        return _index_put(node, ins, local)
+    if target in (aten.floor_divide.default, aten.div.Tensor_mode) or _is_pointwise(target):
+        return _pointwise(node, ins, local, seq_syms)
+    return []
+
+
+def seq_symbols(size_names: dict) -> frozenset:
+    return frozenset(s for s, name in size_names.items() if name == "seq")
+
+
+# ---- helpers ----
+
+def _tokens_in(size, seq_syms) -> bool:
+    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols & seq_syms)
+
+
+def _token_free(node: fx.Node, seq_syms) -> bool:
+    """A tensor with no sequence-sized dim: the same for every token (weights, constants)."""
+    v = sym_val(node)
+    return isinstance(v, torch.Tensor) and not any(_tokens_in(s, seq_syms) for s in v.shape)
+
+
+def _plain(size) -> bool:
+    """A size given by one symbol or a constant (its run-time value is easy to read back)."""
+    return not isinstance(size, torch.SymInt) or size.node.expr.is_Symbol or size.node.expr.is_number
+
+
+def _expr(size) -> str:
+    return str(size.node.expr) if isinstance(size, torch.SymInt) else str(size)
+
+
+def sort_key(node: fx.Node, limit: int = 200) -> frozenset:
+    """The sort(s) nearest upstream of ``node`` (breadth first): the sort whose order its rows
+    follow.  Sorted rows and positions are paired only when this is one and the same sort, so
+    rows from two different sorts are never matched up."""
+    frontier, seen = [node], {node}
+    while frontier and len(seen) < limit:
+        found = frozenset(n for n in frontier if n.op == "call_function"
+                          and n.target in (aten.sort.default, aten.sort.stable))
+        if found:
+            return found
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    nxt.append(a)
+        frontier = nxt
+    return frozenset()
+
+
+def _is_pointwise(target) -> bool:
+    from autotp.passes.rules.pointwise import _EXTRA
+    return target in _EXTRA or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+
+
+def _localize_rows(node: fx.Node, strategy: Strategy, lctx) -> None:
+    """A view into a token-local or sequence-sharded dim: that entry of the target shape is 1/N."""
+    from autotp.passes.rules.views import _localize_shape
+    _localize_shape(node, strategy, lctx)
+
+
+# ---- views: the region's entry and exit, and views inside it ----
+
+def _views(node: fx.Node, ctx: RuleContext, seq_syms) -> list[Strategy]:
+    x, out = val(node.args[0]), val(node)
+    sx, so = sym_val(node.args[0]), sym_val(node)
+    if not (isinstance(x, torch.Tensor) and isinstance(sx, torch.Tensor) and isinstance(so, torch.Tensor)):
+        return []
+    hook = _localize_rows if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
+        else None
+    groups = dim_groups(list(x.shape), list(out.shape))
+    strategies = []
+    for p in ctx.candidates(node.args[0]):
+        if is_shard(p) and split_factor(p) == 1:                          # entry: S(seq) merged into rows
+            d = p.dim % x.ndim
+            if not _tokens_in(sx.shape[d], seq_syms):
+                continue
+            gi, gj = next(g for g in groups if d in g[0])
+            if len(gi) > 1 and len(gj) == 1 and all(_plain(sx.shape[k]) for k in gi):
+                origin = (tuple(_expr(sx.shape[k]) for k in gi), gi.index(d))
+                strategies.append(Strategy((p,), TokenLocal(gj[0], "o", origin), localize=hook))
+        elif isinstance(p, TokenLocal):
+            i = p.dim
+            gi, gj = next(g for g in groups if i in g[0])
+            fixed = all(not isinstance(sx.shape[k], torch.SymInt) for k in gi if k != i) and \
+                all(not isinstance(so.shape[k], torch.SymInt) for k in gj[1:])
+            if p.kind == "o" and p.origin is not None and gi == [i] and len(gj) > 1 and \
+                    tuple(_expr(so.shape[k]) for k in gj) == p.origin[0]:
+                # exit: split the rows back into the dims they were merged from
+                strategies.append(Strategy((p,), S(gj[p.origin[1]]), localize=hook))
+            elif gi[0] == i and fixed and _tokens_in(so.shape[gj[0]], seq_syms) and \
+                    (p.kind == "o" or (len(gi) == 1 and len(gj) == 1)):
+                strategies.append(Strategy((p,), TokenLocal(gj[0], p.kind, p.origin), localize=hook))
+        elif p == X and node.target in (aten.unsqueeze.default, aten.squeeze.dim):
+            gi, gj = next(g for g in groups if 0 in g[0])
+            if gi == [0] and gj == [0]:
+                strategies.append(Strategy((p,), X))
+    return dedupe(strategies)
+
+
+def _split(node: fx.Node, local) -> list[Strategy]:
+    x = val(node.args[0])
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % x.ndim
+    outs = val(node)
+    return [Strategy((p,), tuple(p for _ in outs)) for p in local if p.dim != dim]
+
+
+# ---- row-wise compute ----
+
+def _pointwise(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
+    from autotp.passes.rules.pointwise import _dim_map
+    out = val(node)
+    if not isinstance(out, torch.Tensor) or out.ndim == 0:
+        return []
+    target = node.target
+    maps = [_dim_map(val(a), out) for a in ins]
+    strategies = []
+    for a_idx, cands in enumerate(local):
+        inv = {j: d for d, j in maps[a_idx].items()}
+        for p in cands:
+            if p.dim not in inv:
+                continue
+            d = inv[p.dim]
+            placements = []
+            for b, m in zip(ins, maps):
+                if d in m:
+                    placements.append(TokenLocal(m[d], p.kind, p.origin) if isinstance(p, TokenLocal) else p)
+                elif _token_free(b, seq_syms):
+                    placements.append(R)
+                else:
+                    placements = None
+                    break
+            if placements is None:
+                continue
+            if p == X:
+                if d != 0 or not _same_routing([b for b, q in zip(ins, placements) if q == X]):
+                    continue
+                strategies.append(Strategy(tuple(placements), X))
+                continue
+            if p.kind not in DATA:                   # positions: only copies, or slots -> tokens
+                if not (target in _ROWWISE_POSITIONS or (p.kind == "sp" and _slots_to_tokens(node))):
+                    continue
+            if p.kind not in ("o", "op") and not _same_sort([b for b, q in zip(ins, placements) if q != R]):
+                continue
+            strategies.append(Strategy(tuple(placements), TokenLocal(d, p.kind, p.origin)))
+    return dedupe(strategies)
+
+
+def _slots_to_tokens(node: fx.Node) -> bool:
+    """``floor_divide(positions, k)``: slot positions to token positions (checked where used)."""
+    return node.target in (aten.floor_divide.default,) and isinstance(node.args[1], int) and node.args[1] > 0
+
+
+def _same_sort(nodes) -> bool:
+    keys = {sort_key(n) for n in nodes}
+    return len(keys) == 1 and len(next(iter(keys))) == 1
+
+
+def _same_routing(nodes) -> bool:
+    from autotp.passes.rules.moe import partition_key
+    keys = {partition_key(n) for n in nodes}
+    return len(keys) == 1 and len(next(iter(keys))) == 1
+
+
+def _matmul(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
+    """``x @ W`` with replicated, token-free weights: every row of x alone (the router)."""
+    strategies = []
+    x_pos = 1 if node.target == aten.addmm.default else 0
+    x = ins[x_pos] if len(ins) > x_pos else None
+    if x is None or node.args[x_pos] is not x:
+        return []
+    xv = val(x)
+    for p in local[x_pos]:
+        if not isinstance(p, TokenLocal) or p.kind not in DATA or p.dim >= xv.ndim - 1:
+            continue
+        if node.target == aten.mm.default and p.dim != 0:
+            continue
+        if not all(_token_free(b, seq_syms) for k, b in enumerate(ins) if k != x_pos):
+            continue
+        placements = tuple(p if k == x_pos else R for k in range(len(ins)))
+        strategies.append(Strategy(placements, p))
+    return strategies
+
+
+def _reduce(node: fx.Node, local) -> list[Strategy]:
+    x = val(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or range(x.ndim))
+    dims = sorted(d % x.ndim for d in dims)
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    strategies = []
+    for p in local:
+        if not isinstance(p, TokenLocal) or p.kind not in DATA:
+            continue
+        if p.dim in dims:
+            if node.target == aten.sum.dim_IntList and x.is_floating_point():
+                strategies.append(Strategy((p,), P))              # a sum over tokens: partial
+            continue
+        nd = p.dim if keep else p.dim - sum(1 for r in dims if r < p.dim)
+        strategies.append(Strategy((p,), TokenLocal(nd, p.kind, p.origin)))
+    return strategies
+
+
+def _along(node: fx.Node, local) -> list[Strategy]:
+    """Softmax / top-k / sort along a dim: along another dim, every row alone; a sort along the
+    rows themselves gives sorted rows and their positions."""
+    x = val(node.args[0])
+    if node.target == aten.topk.default:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    elif node.target == aten.sort.stable:
+        dim = node.kwargs.get("dim", -1)
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    if dim is None:
+        return []
+    dim %= max(x.ndim, 1)
+    outs = val(node)
+    keep = node.target not in (aten.argmax.default, aten.argmin.default) or \
+        bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    strategies = []
+    for p in local:
+        if not isinstance(p, TokenLocal) or p.kind not in DATA:
+            continue
+        if p.dim != dim:
+            if not keep:
+                continue
+            out = tuple(p for _ in outs) if isinstance(outs, (tuple, list)) else p
+            strategies.append(Strategy((p,), out))
+        elif node.target in (aten.sort.default, aten.sort.stable) and p.kind == "o" and x.ndim == 1:
+            strategies.append(Strategy((p,), (TokenLocal(0, "s", p.origin), TokenLocal(0, "sp", p.origin))))
+    return strategies
+
+
+# ---- the permutation: sorted rows, their inverse ----
+
+def _index(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
+    src, indices = node.args[0], node.args[1]
+    if len(indices) != 1 or not isinstance(indices[0], fx.Node) or len(ins) != 2:
+        return []
+    idx = indices[0]
+    ssrc, sidx = sym_val(src), sym_val(idx)
+    if sidx.ndim != 1:
+        return []
+    strategies = []
+    for q in local[1]:
+        if not isinstance(q, TokenLocal):
+            continue
+        if q.kind in DATA and _token_free(src, seq_syms):              # a table looked up by token data
+            strategies.append(Strategy((R, q), TokenLocal(0, q.kind, q.origin)))
+            continue
+        for p in local[0]:
+            if not isinstance(p, TokenLocal) or p.dim != 0:
+                continue
+            if p.kind == "o" and q.kind == "sp" and p.origin == q.origin and _positions_into(idx, ssrc.shape[0]):
+                strategies.append(Strategy((p, q), TokenLocal(0, "s", p.origin)))       # rows in sorted order
+            elif p.kind == "s" and q.kind == "ip" and _same_sort([src, idx]) and \
+                    _expr(ssrc.shape[0]) == _expr(sidx.shape[0]):
+                strategies.append(Strategy((p, q), TokenLocal(0, "o", p.origin)))       # back in token order
+    return strategies
+
+
+def _positions_into(idx: fx.Node, rows) -> bool:
+    """``idx`` holds positions of rows of a token-ordered tensor of ``rows`` rows: sort indices
+    of such a tensor, or sort indices of one with k slots per row, floor-divided by k."""
+    sort_rows = _sort_rows(idx)
+    if sort_rows is not None:
+        return _expr(sort_rows) == _expr(rows)
+    if idx.op == "call_function" and idx.target == aten.floor_divide.default and isinstance(idx.args[1], int):
+        inner = _sort_rows(idx.args[0])
+        if inner is not None and isinstance(rows, torch.SymInt) and isinstance(inner, torch.SymInt):
+            return bool((inner.node.expr - idx.args[1] * rows.node.expr).expand() == 0)
+    return False
+
+
+def _sort_rows(idx: fx.Node):
+    """Rows of the 1-D tensor ``idx`` sorts, if ``idx`` is a sort's indices output."""
+    if idx.op == "call_function" and idx.target is operator.getitem and idx.args[1] == 1:
+        s = idx.args[0]
+        if isinstance(s, fx.Node) and s.target in (aten.sort.default, aten.sort.stable):
+            return sym_val(s.args[0]).shape[0]
+    return None
+
+
+def _index_put(node: fx.Node, ins, local) -> list[Strategy]:
+    """``base[perm] = arange(n)``: the inverse of the sort ``perm`` (every row written, since a
+    sort's indices are a permutation)."""
+    base, indices, values = node.args[0], node.args[1], node.args[2]
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    if accumulate or len(indices) != 1 or len(ins) != 3 or _sort_rows(indices[0]) is None:
+        return []
+    if values.op != "call_function" or values.target not in (aten.arange.default, aten.arange.start):
+        return []
+    n = _expr(sym_val(base).shape[0])
+    if not (n == _expr(sym_val(indices[0]).shape[0]) == _expr(sym_val(values).shape[0])):
+        return []
+    strategies = []
+    for q in local[1]:
+        if isinstance(q, TokenLocal) and q.kind == "sp":
+            for b in local[0]:
+                if isinstance(b, TokenLocal) and b.dim == 0:
+                    strategies.append(Strategy((b, q, TokenLocal(0, "op")), TokenLocal(0, "ip", q.origin)))
+    return dedupe(strategies)
+
+
+def _arange(node: fx.Node, seq_syms) -> list[Strategy]:
+    """``arange(n)`` over token rows: this rank's row positions, 0 .. n/N - 1."""
+    args = node.args
+    if node.target == aten.arange.start and args[0] != 0:
+        return []
+    end = args[-1] if node.target == aten.arange.default else args[1]
+    if not (isinstance(end, fx.Node) and _tokens_in(end.meta.get("val"), seq_syms)):
+        return []
+    return [Strategy((), TokenLocal(0, "op"), localize=_localize_arange)]
+
+
+def _localize_arange(node: fx.Node, strategy: Strategy, lctx) -> None:
+    args = list(node.args)
+    k = 0 if node.target == aten.arange.default else 1
+    with node.graph.inserting_before(node):
+        local = node.graph.call_function(operator.floordiv, (args[k], lctx.world))
+    local.meta["val"] = args[k].meta.get("val")
+    args[k] = local
+    node.args = tuple(args)
