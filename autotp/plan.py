@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from autotp.capture import Captured, capture
-from autotp.placement import D, R, P, Placement, fmt, is_shard, local_shape, split_factor
+from autotp.placement import D, R, P, X, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
 from autotp.passes.context import AutoTPError, layer_index, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
@@ -98,6 +98,8 @@ class Plan:
                         role = "vocab-parallel" if user.target == torch.ops.aten.embedding.default else "row-parallel"
                     elif s.output == D:
                         role = "expert-parallel"
+                    elif s.output == X:
+                        role = "expert-parallel (all-to-all)"
                     elif is_shard(s.output):
                         role = "column-parallel"
             for name in self.aliases.get(self.ctx.params[node.name], [self.ctx.params[node.name]]):

@@ -24,6 +24,7 @@ import re
 
 import sympy
 import torch
+import torch.fx as fx
 
 from autotp import cost
 from autotp.placement import is_shard, local_shape
@@ -246,19 +247,40 @@ def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, li
                 "TP inside experts" if is_shard(wp) else "replicated")
         a2a_expr = routed * d * element_bytes(val(x).dtype, dtype)
         a2a_bytes = evaluate(a2a_expr, batch, seq)
+        top_k = _top_k(plan, node) or 1
+        tokens_expr = a2a_expr / top_k                 # the block's (tokens, d) input and output
+        tokens_bytes = evaluate(tokens_expr, batch, seq)
         mine = [r for r in rows if r["layer"] == layer and r["forward"] and _under(r["module"], module_path(node))]
+        dispatched = any(r["comm"] == "moe_dispatch" for r in mine)
         blocks[layer] = dict(
             layer=layer, module=module_path(node).rsplit(".", 1)[0], experts=int(val(w).shape[0]),
             experts_placement=kind, routed_rows=str(routed), d_model=d,
             chosen=dict(collectives=[(r["forward"], r["bytes_expr"]) for r in mine],
                         wire_bytes=sum(r["forward_factor"] * r["bytes"] for r in mine),
                         time_s=sum(r["forward_time_s"] for r in mine)),
+            dispatched=dispatched, top_k=top_k,
             all_to_all=dict(bytes_expr=str(a2a_expr), bytes=a2a_bytes,
                             wire_bytes=2 * cost.factor(cost.ALL_TO_ALL, n) * a2a_bytes,
-                            time_s=2 * cost.collective_time(cost.ALL_TO_ALL, a2a_bytes, n, lk)))
+                            time_s=2 * cost.collective_time(cost.ALL_TO_ALL, a2a_bytes, n, lk)),
+            # the tokens gathered (or replicated) and the experts' partial sums combined: an
+            # all-gather + reduce-scatter (sequence parallel) or one all-reduce, the same wire bytes
+            gathered=dict(bytes_expr=str(tokens_expr), bytes=tokens_bytes,
+                          wire_bytes=cost.factor(cost.ALL_REDUCE, n) * tokens_bytes,
+                          time_s=cost.collective_time(cost.ALL_GATHER, tokens_bytes, n, lk)
+                          + cost.collective_time(cost.REDUCE_SCATTER, tokens_bytes, n, lk)))
     if not blocks:
         return None
     return dict(layers=sorted(blocks, key=lambda k: -1 if k is None else k), blocks=list(blocks.values()))
+
+
+def _top_k(plan, grouped_mm: fx.Node) -> int | None:
+    """k of the top-k routing feeding a grouped matmul (the ``topk`` of the same MoE block)."""
+    block = module_path(grouped_mm).rsplit(".", 1)[0]
+    for n in plan.gm.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.topk.default and \
+                module_path(n).startswith(block) and isinstance(n.args[1], int):
+            return n.args[1]
+    return None
 
 
 def _under(module: str, expert_module: str) -> bool:

@@ -109,24 +109,31 @@ def _memory_section(out, m: dict, att: dict | None, c: dict, act: dict | None = 
 
 
 def _experts_section(out, e: dict, c: dict) -> None:
-    out.heading("Mixture of experts: the combine here vs an all-to-all dispatch + combine (forward)")
+    out.heading("Mixture of experts: all-to-all dispatch + combine vs gathering the tokens (forward)")
     b = e["blocks"][0]
     same = "Every MoE layer" if len(e["blocks"]) > 1 else "The MoE layer"
     cols = ["option", "collectives", "B", "wire bytes/rank", "time"]
     chosen = ", ".join(k for k, _ in b["chosen"]["collectives"]) or "none"
-    a2a = b["all_to_all"]
+    a2a, gathered = b["all_to_all"], b["gathered"]
+    mark = ("  <- this plan", "") if b["dispatched"] else ("", "  <- this plan")
     out.table(cols, [
-        [f"this plan: experts {b['experts_placement']}, tokens on every rank", chosen,
+        ["experts split, tokens split N ways: dispatch + combine" + mark[0], "2 all_to_all", a2a["bytes_expr"],
+         _bytes(a2a["wire_bytes"]), _time(a2a["time_s"])],
+        ["tokens gathered (or replicated), partial sums combined" + mark[1],
+         "all_gather + reduce_scatter, or all_reduce", gathered["bytes_expr"], _bytes(gathered["wire_bytes"]),
+         _time(gathered["time_s"])],
+        [f"this plan's collectives in the block (experts {b['experts_placement']})", chosen,
          " + ".join(expr for _, expr in b["chosen"]["collectives"]) or "-",
-         _bytes(b["chosen"]["wire_bytes"]), _time(b["chosen"]["time_s"])],
-        ["expert parallel with tokens split N ways", "2 all_to_all (dispatch, combine)", a2a["bytes_expr"],
-         _bytes(a2a["wire_bytes"]), _time(a2a["time_s"])]])
-    out.para(f"{same} ({b['module']}, {b['experts']} experts, {b['routed_rows']} routed rows = tokens x "
-             f"top_k, d {b['d_model']}). Inside a tensor-parallel group every rank holds every token, so expert "
-             f"parallelism needs no dispatch: each rank runs its experts' rows and the collective above combines "
-             f"them. The all-to-all row is what expert parallelism pays when the tokens are split over the "
-             f"ranks instead (data or sequence parallel; B = routed rows x d x itemsize, wire (N-1)/N^2 x B "
-             f"each way) — autotp does not generate that dispatch yet, it is shown for comparison.")
+         _bytes(b["chosen"]["wire_bytes"]), _time(b["chosen"]["time_s"])]])
+    how = ("Each rank routes its own tokens and sends every routed row to the rank that owns its expert, "
+           "and back (variable-size all-to-alls; split sizes exchanged by one small all-gather of expert "
+           "counts, not counted here)." if b["dispatched"] else
+           "Here every rank holds every token (no sequence split), so expert parallelism needs no dispatch: each "
+           "rank runs its experts' rows and one collective combines them. With sequence_parallel=True the "
+           "tokens are split and the solver may dispatch them by all-to-all instead.")
+    out.para(f"{same} ({b['module']}, {b['experts']} experts, {b['routed_rows']} routed rows = tokens x top_k "
+             f"{b['top_k']}, d {b['d_model']}). {how} The all-to-all moves tokens/N x top_k x d x (N-1)/N per rank "
+             f"each way, gathering moves tokens x d x (N-1)/N each way: dispatch pays off when top_k < N.")
 
 
 def _scaling_section(out, s: dict, model: dict, formulas: dict) -> None:

@@ -41,6 +41,7 @@ class Result:
     world: int
     logits_err: float = float("nan")          # max |parallel - reference| / max |reference|
     other_shape_err: float = 0.0              # the same, for inputs of other shapes than the example
+    aux_err: float | None = None              # a MoE model's auxiliary (load-balancing) loss, relative
     grad_err: float = float("nan")            # worst over parameters, each relative to its own scale
     worst_grad: str = ""
     forward_counts: dict = dataclasses.field(default_factory=dict)
@@ -58,8 +59,16 @@ def _logits(out):
     return logits
 
 
-def _loss(logits, ids):
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def _loss(logits, ids, aux=None):
+    """Next-token cross entropy, plus the model's auxiliary loss when it returns one (a MoE
+    router's load-balancing loss), so its gradient is checked too."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return loss if aux is None else loss + aux
+
+
+def _aux(out):
+    aux = getattr(out, "aux_loss", None)
+    return aux if isinstance(aux, torch.Tensor) else None
 
 
 def _counts(mode) -> dict:
@@ -77,8 +86,9 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
         res.matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
         vocab = case.vocab or model.config.vocab_size
         ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(seed + 1))
-        ref_logits = _logits(reference(ids))
-        _loss(ref_logits, ids).backward()
+        ref_out = reference(ids)
+        ref_logits, ref_aux = _logits(ref_out), _aux(ref_out)
+        _loss(ref_logits, ids, ref_aux).backward()
         ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
 
         pmodel = autotp.parallelize(model, (ids,), **case.kwargs)
@@ -86,8 +96,12 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
         res.summary = pmodel.plan.summary()
         with CommDebugMode() as fwd:
             out = pmodel(ids)
-        logits = _logits(out)
-        loss = _loss(logits, ids)
+        logits, aux = _logits(out), _aux(out)
+        if (aux is None) != (ref_aux is None):
+            raise AssertionError(f"auxiliary loss: {aux} from the parallel model, {ref_aux} from the reference")
+        if aux is not None:
+            res.aux_err = abs(aux.item() - ref_aux.item()) / max(abs(ref_aux.item()), 1e-12)
+        loss = _loss(logits, ids, aux)
         with CommDebugMode() as bwd:
             loss.backward()
         res.forward_counts, res.backward_counts = _counts(fwd), _counts(bwd)

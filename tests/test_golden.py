@@ -41,3 +41,14 @@ def test_golden_mixtral(update_goldens):
     ids = torch.randint(0, 96, (2, 8))
     plan = autotp.plan(model, (ids,), world_size=2)
     _check("mixtral_1layer_n2", plan.summary() + "\n\n" + plan.graph_text(), update_goldens)
+
+
+def test_golden_mixtral_all_to_all(update_goldens):
+    """One Mixtral layer at N=2, sequence parallel: the block routed on each rank's tokens
+    (``L``), rows dispatched to their experts' ranks and combined back by all-to-all (``X``)."""
+    from models import build_any
+    torch.manual_seed(0)
+    model = build_any("mixtral", num_hidden_layers=1)
+    ids = torch.randint(0, 96, (2, 8))
+    plan = autotp.plan(model, (ids,), world_size=2, sequence_parallel=True)
+    _check("mixtral_1layer_n2_a2a", plan.summary() + "\n\n" + plan.graph_text(), update_goldens)

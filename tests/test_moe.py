@@ -2,8 +2,10 @@
 
 The experts are captured as stacked 3-D weights and ``transformers::grouped_mm_fallback``;
 from the grouped-matmul rule the plan puts E/N whole experts on each rank (expert
-parallelism; the alternative, tensor parallelism inside each expert, costs the same bytes),
-with no per-model code.
+parallelism), with no per-model code.  Tokens replicated (plain tensor parallelism): each rank
+runs its experts' rows and one all-reduce combines.  Tokens split by sequence
+(``sequence_parallel=True``): each rank routes its own tokens and the rows travel to their
+experts' ranks and back by all-to-all (dispatch + combine, split sizes from the routing).
 """
 import collections
 
@@ -17,16 +19,24 @@ from models import MOE_FAMILIES, build_any
 TOL = 1e-5
 
 
+SP = {"sequence_parallel": True}
+AUX = dict(MOE_FAMILIES["mixtral"], output_router_logits=True, router_aux_loss_coef=0.02)
+FAMILIES = list(MOE_FAMILIES) + ["mixtral-aux", "skew"]
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def results(request):
     cases = [Case(n, HFModel(c)) for n, c in MOE_FAMILIES.items()]
-    cases.append(Case("mixtral-aux", HFModel(dict(MOE_FAMILIES["mixtral"], output_router_logits=True,
-                                                  router_aux_loss_coef=0.02))))
+    cases.append(Case("mixtral-aux", HFModel(AUX)))
     cases.append(Case("skew", SkewedMixtral()))
+    # tokens split by sequence: dispatch and combine by all-to-all
+    cases += [Case(f"{n}-a2a", HFModel(c), kwargs=SP, other_shapes=((3, 4),)) for n, c in MOE_FAMILIES.items()]
+    cases.append(Case("mixtral-aux-a2a", HFModel(AUX), kwargs=SP, other_shapes=((3, 4),)))
+    cases.append(Case("skew-a2a", SkewedMixtral(), kwargs=SP, other_shapes=((3, 4),)))
     return request.param, verify(cases, request.param)
 
 
-@pytest.mark.parametrize("family", list(MOE_FAMILIES) + ["mixtral-aux", "skew"])
+@pytest.mark.parametrize("family", FAMILIES + [f"{f}-a2a" for f in FAMILIES])
 def test_moe_matches_one_device(results, family):
     world, per_rank = results
     for rank, res in enumerate(per_rank):
@@ -34,8 +44,57 @@ def test_moe_matches_one_device(results, family):
         assert not r.error, f"rank {rank}:\n{r.error}"
         assert r.logits_err <= TOL and r.grad_err <= TOL, (family, world, r.logits_err, r.grad_err, r.worst_grad)
         assert r.other_shape_err <= TOL
+        assert (r.aux_err is not None) == ("aux" in family)
+        assert r.aux_err is None or r.aux_err <= TOL, (family, world, r.aux_err)   # load-balancing loss
         experts = {n: p for n, p in r.placements.items() if ".experts." in n}   # stacked expert weights
         assert experts and all(p != "R" for p in experts.values()), experts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_to_all_dispatch_and_combine_counts(results, family):
+    """Tokens split by sequence: per MoE layer forward exactly one dispatch and one combine
+    all-to-all (and a small all-gather of expert counts, the split-size exchange); measured
+    collectives equal the plan's; no all-to-all in the backward beyond their transposes."""
+    world, per_rank = results
+    r = next(x for x in per_rank[0] if x.name == f"{family}-a2a")
+    assert not r.error, r.error
+    kwargs = {"output_router_logits": True, "router_aux_loss_coef": 0.02} if "aux" in family else {}
+    model = SkewedMixtral()() if family == "skew" else build_any("mixtral" if "mixtral" in family else family, **kwargs)
+    plan = autotp.plan(model, (torch.randint(0, 128, (2, 8)),), world_size=world, **SP)
+    moe = collections.Counter()
+    planned = collections.Counter()
+    for c in plan.collectives():
+        if c.kind in ("moe_dispatch", "moe_combine"):
+            moe[c.module, c.kind] += 1
+        if c.forward:
+            planned[c.forward] += 1
+    layers = model.config.num_hidden_layers
+    assert sorted(moe.values()) == [1] * 2 * layers, moe              # one each, in every MoE layer
+    assert {m for m, _ in moe} == {f"model.layers.{i}.mlp.experts" for i in range(layers)}
+    assert r.forward_counts["all_to_all_single"] == planned["all_to_all"]
+    assert r.forward_counts["all_gather_into_tensor"] == planned["all_gather"] + layers   # + split sizes
+    assert r.backward_counts["all_to_all_single"] == r.forward_counts["all_to_all_single"]
+    assert "all_reduce" not in r.forward_counts or "aux" in family    # (the aux loss sums over tokens)
+
+
+def test_all_to_all_moves_fewer_bytes_than_gathering_tokens():
+    """The report's numbers: a dispatch moves tokens/N x top_k x d x (N-1)/N bytes per rank, the
+    Megatron-SP alternative gathers and reduce-scatters all tokens: at N=4 with top-2, half."""
+    from autotp.report import report_data
+    torch.manual_seed(0)
+    model = build_any("mixtral")
+    plan = autotp.plan(model, (torch.randint(0, 128, (2, 8)),), world_size=4, **SP)
+    b, s, d, k, n = 4, 2048, model.config.hidden_size, model.config.num_experts_per_tok, 4
+    data = report_data(plan, batch=b, seq=s, dtype=torch.float32)
+    rows = [r for r in data["collectives"] if r["comm"] in ("moe_dispatch", "moe_combine")]
+    assert len(rows) == 2 * model.config.num_hidden_layers
+    for r in rows:
+        assert r["bytes_expr"] == f"{4 * k * d}*batch*seq"                       # symbolic in batch, seq
+        assert r["forward_factor"] * r["bytes"] == pytest.approx(b * s / n * k * d * 4 * (n - 1) / n)
+    block = data["experts"]["blocks"][0]
+    assert block["dispatched"] and block["top_k"] == k
+    assert block["chosen"]["wire_bytes"] == pytest.approx(block["all_to_all"]["wire_bytes"])
+    assert block["all_to_all"]["wire_bytes"] == pytest.approx(0.5 * block["gathered"]["wire_bytes"])
 
 
 def test_mixtral_expert_parallel_counts_per_layer():

@@ -132,7 +132,7 @@ def test_markdown_and_json_carry_the_numbers(plan70):
         report(plan70, batch=4, seq=2048, fmt="html")
 
 
-def test_moe_report_puts_the_combine_next_to_an_all_to_all():
+def test_moe_report_puts_the_combine_next_to_an_all_to_all():  # (sequence parallel: see test_moe.py)
     """Each MoE layer: the combine this plan pays (expert parallel inside the TP group: one
     all-reduce of the routed rows) next to the two all-to-alls of token-split expert parallelism,
     B = tokens x top_k x d x itemsize, wire (N-1)/N^2 x B each way."""
@@ -152,4 +152,7 @@ def test_moe_report_puts_the_combine_next_to_an_all_to_all():
     assert b["all_to_all"]["bytes"] == routed * cfg["hidden_size"] * 2
     assert b["all_to_all"]["wire_bytes"] == pytest.approx(2 * 3 / 16 * b["all_to_all"]["bytes"])
     assert [k for k, _ in b["chosen"]["collectives"]] == ["all_reduce"]
-    assert "all_to_all (dispatch, combine)" in report(plan, batch=4, seq=2048)
+    assert not b["dispatched"]
+    assert b["gathered"]["wire_bytes"] == pytest.approx(2 * 3 / 4 * 4 * 2048 * cfg["hidden_size"] * 2)
+    text = report(plan, batch=4, seq=2048)
+    assert "dispatch + combine" in text and "partial sums combined  <- this plan" in text
