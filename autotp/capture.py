@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
+import os
 from typing import Any
 
 import sympy
@@ -24,7 +26,10 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
+from autotp import stamp
 from autotp.passes.context import AutoTPError
+
+log = logging.getLogger("autotp")
 
 aten = torch.ops.aten
 
@@ -46,10 +51,44 @@ def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
         return torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
 
 
+def _export_or_explain(model, args: tuple, kwargs: dict, dynamic_shapes) -> ExportedProgram:
+    try:
+        try:
+            return _export(model, args, kwargs, dynamic_shapes)
+        except Exception:  # noqa: BLE001 — symbolic sizes are a convenience: retry static
+            if dynamic_shapes is None:
+                raise
+            return _export(model, args, kwargs)
+    except Exception as e:  # noqa: BLE001 — re-raised with the way out
+        raise AutoTPError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}\n"
+            "What to do: autotp needs a model torch.export can trace (no data-dependent Python control "
+            "flow on tensor values, no unsupported cache objects). Try model.eval(), pass use_cache=False, "
+            "or rewrite the offending branch with torch.cond / torch.where. The full export error is chained "
+            "below.") from e
+
+
+def _signature(program: ExportedProgram) -> tuple[dict, dict, dict, list]:
+    """(placeholder -> parameter name, -> buffer name, -> lifted constant, user input placeholders)."""
+    params, buffers, constants, users = {}, {}, {}, []
+    for spec in program.graph_signature.input_specs:
+        name = spec.arg.name if hasattr(spec.arg, "name") else None
+        if spec.kind == InputKind.PARAMETER:
+            params[name] = spec.target
+        elif spec.kind == InputKind.BUFFER:
+            buffers[name] = spec.target
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            constants[name] = program.constants[spec.target]
+        elif spec.kind == InputKind.USER_INPUT:
+            users.append(name)
+    return params, buffers, constants, users
+
+
 @dataclasses.dataclass
 class Captured:
     gm: fx.GraphModule
-    program: ExportedProgram
+    program: ExportedProgram        # what torch.export returned (a sample of the layers when stamped)
     params: dict[str, str]          # placeholder -> parameter name (first name if tied)
     buffers: dict[str, str]         # placeholder -> buffer name
     constants: dict[str, Any]       # placeholder -> lifted constant tensor
@@ -59,6 +98,7 @@ class Captured:
     example_kwargs: dict            # kwargs given at capture (e.g. use_cache=False): the defaults
     symbols: dict = dataclasses.field(default_factory=dict)   # export's size symbol -> sympy batch/seq
     pinned: dict = dataclasses.field(default_factory=dict)    # size symbol -> (example value, why)
+    stamped: tuple | None = None    # (layer list path, layer count) when layers 1.. were stamped from a sample
 
 
 def hint_int(s) -> int:
@@ -129,42 +169,33 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             dynamic_shapes = dynamic_spec(tuple(args), kwargs, names)
         except (TypeError, ValueError):
             dynamic_shapes = None
-    try:
+    program, stamped = None, None
+    layers = stamp.repeated_layers(model) if os.environ.get("AUTOTP_STAMP", "1") != "0" else None
+    if layers is not None and stamp.config_uniform(model, len(layers[1])):
+        path, modules = layers
         try:
-            program = _export(model, tuple(args), kwargs, dynamic_shapes)
-        except Exception:  # noqa: BLE001 — symbolic sizes are a convenience: retry static
-            if dynamic_shapes is None:
-                raise
-            program = _export(model, tuple(args), kwargs)
-    except Exception as e:  # noqa: BLE001 — re-raised with the way out
-        raise AutoTPError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}\n"
-            "What to do: autotp needs a model torch.export can trace (no data-dependent Python control "
-            "flow on tensor values, no unsupported cache objects). Try model.eval(), pass use_cache=False, "
-            "or rewrite the offending branch with torch.cond / torch.where. The full export error is chained "
-            "below.") from e
+            with stamp.sample_of(modules):            # layers 0, 1, 2 and the last
+                sample = _export(model, tuple(args), kwargs, dynamic_shapes)
+            params, buffers, constants, users = _signature(sample)
+            gm, params, buffers = stamp.stamp(sample.graph_module, params, buffers, path, len(modules), constants)
+            program, stamped = sample, (path, len(modules))
+        except stamp.Doubt as why:
+            log.info("autotp: the layers of %s were exported one by one (%s)", path, why)
+        except Exception as e:  # noqa: BLE001 — the sample did not export: export the model as it is
+            log.info("autotp: the layers of %s were exported one by one (sample: %s)", path, e)
+    if program is None:
+        program = _export_or_explain(model, tuple(args), kwargs, dynamic_shapes)
+        params, buffers, constants, users = _signature(program)
+        gm = program.graph_module
     sig = program.graph_signature
-    params, buffers, constants, users = {}, {}, {}, []
-    for spec in sig.input_specs:
-        name = spec.arg.name if hasattr(spec.arg, "name") else None
-        if spec.kind == InputKind.PARAMETER:
-            params[name] = spec.target
-        elif spec.kind == InputKind.BUFFER:
-            buffers[name] = spec.target
-        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
-            constants[name] = program.constants[spec.target]
-        elif spec.kind == InputKind.USER_INPUT:
-            users.append(name)
     if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
         raise AutoTPError("the model mutates a buffer or parameter in forward (e.g. running statistics); "
                           "autotp supports functional forwards only — call model.eval() or remove the update")
-    gm = program.graph_module
     _merge_tied(gm, params, model)
     canonicalize(gm)
     attach_concrete(gm)
     return Captured(gm, program, params, buffers, constants, users, program.call_spec.in_spec,
-                    program.call_spec.out_spec, kwargs, _size_symbols(gm, users), unrolled_sizes(gm))
+                    program.call_spec.out_spec, kwargs, _size_symbols(gm, users), unrolled_sizes(gm), stamped)
 
 
 def unrolled_sizes(gm: fx.GraphModule) -> dict:

@@ -431,6 +431,10 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
         name = captured.symbols.get(sym, sym)
         ctx.note(f"the graph unrolls a Python loop over `{name}` (node `{where_node}`): this plan runs only at "
                  f"{name} = {example}")
+    if captured.stamped:
+        path, n = captured.stamped
+        ctx.note(f"captured: torch.export traced layers 0, 1, 2 and {n - 1} of `{path}`; layers 3-{n - 2} are copies of "
+                 f"layer 1's graph (the layers and their traces were checked identical; AUTOTP_STAMP=0 traces all)")
     gm = captured.gm
     free = _copy_graph_module(gm) if canonical_pins else None
     for p in PLAN_PASSES:

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 
-from autotp.placement import R, fmt, local_chunk
+from autotp.placement import P, R, fmt, local_chunk
 from autotp.plan import Plan
 from autotp.passes.context import AutoTPError
 
@@ -179,6 +179,9 @@ class ParallelModule(nn.Module):
             _Record(self.graph_module).run(*inputs)
         world, layers = self.mesh.size(), []
         for node, counts in found:
+            if node.meta.get("autotp", {}).get("placement") == P:    # routed on each rank's own tokens
+                counts = counts.clone()
+                dist.all_reduce(counts, group=self.mesh.get_group())
             counts = counts.round().long()
             per_rank = counts.view(world, -1).sum(1).tolist() if counts.numel() % world == 0 else None
             from autotp.passes.context import module_path
