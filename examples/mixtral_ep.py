@@ -1,12 +1,17 @@
 """Expert-parallel Mixtral on CPU with autotp.
 
-    python -m torch.distributed.run --nproc-per-node 4 examples/mixtral_ep.py
+    python -m torch.distributed.run --nproc-per-node 4 examples/mixtral_ep.py [--sequence-parallel]
 
 An unmodified Hugging Face Mixtral (8 experts, top-2) from a small config: autotp puts E/N whole
 experts on each rank from the grouped-matmul rule (no per-model code), keeps attention Megatron,
 and the router replicated.  Prints the plan, the tokens each expert and rank received for the
 batch, and the max error of logits and gradients against the same model on one device.
+
+With ``--sequence-parallel`` the tokens are split by sequence: each rank routes its own tokens and
+the routed rows travel to their experts' ranks and back by all-to-all (``moe_dispatch`` /
+``moe_combine`` in the plan).
 """
+import argparse
 import copy
 import os
 
@@ -19,6 +24,9 @@ import autotp
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sequence-parallel", action="store_true")
+    args = ap.parse_args()
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("mixtral", vocab_size=512, hidden_size=128, intermediate_size=256,
                                num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
@@ -27,7 +35,7 @@ def main():
     reference = copy.deepcopy(model)
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
 
-    pmodel = autotp.parallelize(model, example_inputs=(ids,))
+    pmodel = autotp.parallelize(model, example_inputs=(ids,), sequence_parallel=args.sequence_parallel)
     logits = pmodel(ids).logits
     F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     ref_logits = reference(ids).logits

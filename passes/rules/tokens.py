@@ -72,13 +72,15 @@ def token_strategies(node: fx.Node, ctx: RuleContext, seq_syms: frozenset) -> li
         return []
     if target in (aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default):
         return _split(node, local[0])
+    if target in (aten.slice.Tensor, aten.select.int):
+        return _slice(node, local[0])
     if target in _MATMUL:
         return _matmul(node, ins, local, seq_syms)
     if target in _REDUCE:
         return _reduce(node, local[0])
     if target in _ALONG:
         return _along(node, local[0])
-    if target == aten.histc.default:
+    if target == aten.histc.default and _fixed_range(node):   # counts: a sum over the tokens
         return [Strategy((p,), P) for p in local[0] if isinstance(p, TokenLocal) and p.kind in DATA]
     if target == aten.index.Tensor:
         return _index(node, ins, local, seq_syms)
@@ -191,6 +193,27 @@ def _split(node: fx.Node, local) -> list[Strategy]:
     return [Strategy((p,), tuple(p for _ in outs)) for p in local if p.dim != dim]
 
 
+def _slice(node: fx.Node, local) -> list[Strategy]:
+    """A slice or select along another dim than the rows (a full-range slice of the rows too)."""
+    x, out = val(node.args[0]), val(node)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % x.ndim
+    strategies = []
+    for p in local:
+        if not isinstance(p, TokenLocal):
+            continue
+        if p.dim != dim:
+            d = p.dim if node.target == aten.slice.Tensor or p.dim < dim else p.dim - 1
+            strategies.append(Strategy((p,), TokenLocal(d, p.kind, p.origin)))
+        elif node.target == aten.slice.Tensor and out.shape[dim] == x.shape[dim] and _from_start(node):
+            strategies.append(Strategy((p,), p))
+    return strategies
+
+
+def _from_start(node: fx.Node) -> bool:
+    args = list(node.args) + [None] * 4
+    return (args[2] in (None, 0)) and (args[4] in (None, 1))
+
+
 # ---- row-wise compute ----
 
 def _pointwise(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
@@ -230,6 +253,15 @@ def _pointwise(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
                 continue
             strategies.append(Strategy(tuple(placements), TokenLocal(d, p.kind, p.origin)))
     return dedupe(strategies)
+
+
+def _fixed_range(node: fx.Node) -> bool:
+    """``histc`` with its range given (``min < max``): with ``min == max`` it takes the range
+    from the data, which differs between ranks' tokens."""
+    args = list(node.args) + [None] * 4
+    lo = args[2] if args[2] is not None else node.kwargs.get("min", 0)
+    hi = args[3] if args[3] is not None else node.kwargs.get("max", 0)
+    return lo < hi
 
 
 def _slots_to_tokens(node: fx.Node) -> bool:
