@@ -58,8 +58,10 @@ class TokenLocal:
       ``sp`` as ``s``, values are row positions of an ``o`` tensor (sort indices);
       ``op`` rows in order, values are their own positions (``arange`` over the rows);
       ``ip`` rows in order, values are positions in the sorted order (the inverse permutation).
-    origin: for ``o`` tensors, the symbolic sizes of the dims the flatten merged and which of
-      them is the sharded sequence dim — the exit view must split them back the same way.
+    origin: the sizes whose flatten the rows are (the dims the entry view merged, then any
+      per-token slots merged after them: ``(batch, seq, top_k)``) and which of them is the
+      sharded sequence dim: the exit view must split them back the same way, and the token
+      collectives (``comm.gather_tokens``, ...) unflatten by them.
     """
     __slots__ = ("dim", "kind", "origin")
 

@@ -8,6 +8,7 @@ runs its experts' rows and one all-reduce combines.  Tokens split by sequence
 experts' ranks and back by all-to-all (dispatch + combine, split sizes from the routing).
 """
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -137,3 +138,28 @@ class SkewedMixtral:
             for layer in model.model.layers:
                 layer.mlp.gate.weight.zero_()
         return model
+
+
+@dataclasses.dataclass
+class ExpertsImplementation:
+    """A MoE model built with another transformers experts implementation (``batched_mm``:
+    each routed row multiplied by its expert's weight, gathered per row, in one bmm)."""
+    config: dict
+    implementation: str
+
+    def __call__(self):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**self.config),
+                                                experts_implementation=self.implementation)
+
+
+def test_other_experts_implementation_is_exact():
+    """``batched_mm`` captures as an index of the stacked weights by expert id and a bmm: no
+    grouped matmul, so no expert parallelism — tensor parallelism inside the experts, exact with
+    tokens replicated and split by sequence (the slots' rows are token-local there)."""
+    impl = ExpertsImplementation(MOE_FAMILIES["mixtral"], "batched_mm")
+    cases = [Case("tp", impl, other_shapes=((3, 4),)), Case("sp", impl, kwargs=SP, other_shapes=((3, 4),))]
+    for rank in verify(cases, 2):
+        for r in rank:
+            assert not r.error, f"{r.name}:\n{r.error}"
+            assert r.logits_err <= TOL and r.grad_err <= TOL and r.other_shape_err <= TOL, (r.name, r.grad_err)

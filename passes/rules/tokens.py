@@ -178,12 +178,36 @@ def _views(node: fx.Node, ctx: RuleContext, seq_syms) -> list[Strategy]:
                 strategies.append(Strategy((p,), S(gj[p.origin[1]]), localize=hook))
             elif gi[0] == i and fixed and _tokens_in(so.shape[gj[0]], seq_syms) and \
                     (p.kind == "o" or (len(gi) == 1 and len(gj) == 1)):
-                strategies.append(Strategy((p,), TokenLocal(gj[0], p.kind, p.origin), localize=hook))
+                origin = _reorigin(p.origin, [x.shape[k] for k in gi[1:]], [out.shape[k] for k in gj[1:]])
+                strategies.append(Strategy((p,), TokenLocal(gj[0], p.kind, origin), localize=hook))
         elif p == X and node.target in (aten.unsqueeze.default, aten.squeeze.dim):
             gi, gj = next(g for g in groups if 0 in g[0])
             if gi == [0] and gj == [0]:
                 strategies.append(Strategy((p,), X))
     return dedupe(strategies)
+
+
+def _reorigin(origin, merged: list, split: list):
+    """The origin of rows after a view merged the constant dims ``merged`` into them (``(T, k)
+    -> (T*k,)``: the rows are now the flatten of the origin's dims and k) or split the constant
+    dims ``split`` off them (back); None where the rows no longer match a flatten of the origin."""
+    if origin is None:
+        return None
+    sizes = list(origin[0]) + [str(c) for c in merged if c != 1]
+    tail = [str(c) for c in split if c != 1]
+    if tail:
+        if len(sizes) - len(tail) <= origin[1] or sizes[-len(tail):] != tail:
+            return None
+        sizes = sizes[:-len(tail)]
+    return (tuple(sizes), origin[1])
+
+
+def _same_tokens(a, b) -> bool:
+    """Two origins over the same tokens (one may have extra per-token slots after them)."""
+    if a is None or b is None or a[1] != b[1]:
+        return False
+    n = min(len(a[0]), len(b[0]))
+    return a[0][:n] == b[0][:n] and n > a[1]
 
 
 def _split(node: fx.Node, local) -> list[Strategy]:
@@ -369,11 +393,12 @@ def _index(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
         for p in local[0]:
             if not isinstance(p, TokenLocal) or p.dim != 0:
                 continue
-            if p.kind == "o" and q.kind == "sp" and p.origin == q.origin and _positions_into(idx, ssrc.shape[0]):
-                strategies.append(Strategy((p, q), TokenLocal(0, "s", p.origin)))       # rows in sorted order
+            if p.kind == "o" and q.kind == "sp" and _same_tokens(p.origin, q.origin) and \
+                    _positions_into(idx, ssrc.shape[0]):
+                strategies.append(Strategy((p, q), TokenLocal(0, "s", q.origin)))       # rows in sorted order
             elif p.kind == "s" and q.kind == "ip" and _same_sort([src, idx]) and \
                     _expr(ssrc.shape[0]) == _expr(sidx.shape[0]):
-                strategies.append(Strategy((p, q), TokenLocal(0, "o", p.origin)))       # back in token order
+                strategies.append(Strategy((p, q), TokenLocal(0, "o", q.origin)))       # back in token order
     return strategies
 
 
