@@ -14,7 +14,10 @@ parameters.  Nothing is assumed; it is checked, and any doubt falls back to expo
   arguments (the same outside tensors, their own parameters, the previous layer's nodes) and the
   same symbolic shapes — so neither the layer's position nor its index changes the trace;
 * the layers' nodes form contiguous blocks in order, and nothing outside the layers (the
-  model's outputs included) reads a layer other than the last.
+  model's outputs included) reads a layer other than the last;
+* no config setting names a layer count between 3 and L-2 (a loop that branches on the layer
+  index after the sample's positions would go unseen; per-layer differences in transformers
+  live in the modules or in per-layer config lists, both checked).
 
 The stamped graph is what exporting all L layers gives, up to node names.
 """
@@ -28,6 +31,7 @@ import torch.fx as fx
 
 MIN_LAYERS = 6                  # below this, exporting all layers costs about as much as the sample
 _IGNORED_ATTRS = {"layer_idx", "training"}
+_LAYER_COUNT_WORDS = ("layer", "dense", "replace", "interval", "freq", "every", "period", "pattern", "step")
 
 
 def repeated_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
@@ -68,12 +72,25 @@ def _static_signature(layer: torch.nn.Module) -> tuple:
 
 
 def config_uniform(model: torch.nn.Module, n: int) -> bool:
-    """Per-layer lists in the config (``layer_types``, ...) are the same for layers 1 .. n-1."""
+    """Per-layer lists in the config (``layer_types``, ...) are the same for layers 1 .. n-1,
+    and no layer-count setting (``first_k_dense_replace``, ``moe_layer_freq``, ...) could make
+    a layer past the sample's behave differently: the model's loop sees the sample's layers at
+    positions 0-3, so a branch on the loop index that only changes after position 3 would go
+    unseen."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return True
-    for key, value in vars(cfg).items():
+    settings = vars(cfg)
+    per_layer_types = isinstance(settings.get("layer_types"), (list, tuple))
+    for key, value in settings.items():
         if isinstance(value, (list, tuple)) and len(value) == n and len({repr(v) for v in value[1:]}) > 1:
+            return False
+        if not isinstance(value, int) or isinstance(value, bool) or not 2 < value < n - 1 or \
+                key in ("num_hidden_layers", "n_layer", "num_layers"):
+            continue
+        if per_layer_types and "window" in key:
+            continue                  # sliding-window layers: spelled out in layer_types, checked above
+        if any(w in key for w in _LAYER_COUNT_WORDS):
             return False
     return True
 
