@@ -2,6 +2,7 @@
 device (logits, every gradient, the auxiliary loss, another shape) or fails clearly.
 
     python benchmarks/random_moe.py --world 2 --draws 8 --seed 0
+    python benchmarks/random_moe.py --world 4 --replicated --wide     # plain TP, wider models
 
 Families Mixtral, Qwen2-MoE (shared expert), OLMoE, Qwen3-MoE; random heads / kv heads / head
 size, experts E in {2, 3, 4, 6, 8}, top-k up to 3, ffn sizes (multiples of 4: torch's grouped
@@ -24,9 +25,9 @@ from autotp.verify import Case, HFModel, verify  # noqa: E402
 TOL = 1e-5
 
 
-def draw(rng: random.Random, world: int, i: int) -> Case:
+def draw(rng: random.Random, world: int, i: int, sp: bool = True, wide: bool = False) -> Case:
     fam = rng.choice(["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
-    heads, hd = rng.choice([2, 4, 6, 8]), rng.choice([4, 8, 16])
+    heads, hd = rng.choice([2, 4, 6, 8]), rng.choice([64, 96, 128] if wide else [4, 8, 16])
     experts = rng.choice([2, 3, 4, 6, 8])
     k = rng.choice([1, 2, 3]) if experts >= 3 else 1
     ffn = lambda lo, hi: 4 * rng.randint(lo, hi)  # noqa: E731
@@ -46,8 +47,12 @@ def draw(rng: random.Random, world: int, i: int) -> Case:
     else:
         cfg.update(head_dim=hd, intermediate_size=ffn(2, 25), moe_intermediate_size=ffn(2, 16),
                    num_experts=experts, num_experts_per_tok=k)
-    seq = max(2, world * rng.randint(1, 4) + (0 if rng.random() < 0.8 else 1))
-    return Case(f"{i}-{fam}", HFModel(cfg), batch=rng.randint(1, 3), seq=seq, kwargs={"sequence_parallel": True},
+    seq = max(3, world * rng.randint(1, 4) + (0 if rng.random() < 0.8 else 1))   # 2: q/k grads are 0, noise
+    if wide:              # experts as wide as the model: the dispatch pays at the planning shape
+        for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            if key in cfg:
+                cfg[key] = heads * hd * rng.choice([1, 2])
+    return Case(f"{i}-{fam}", HFModel(cfg), batch=rng.randint(1, 3), seq=seq, kwargs={"sequence_parallel": sp},
                 other_shapes=((rng.randint(1, 3), world * rng.randint(1, 3)),))
 
 
@@ -56,9 +61,11 @@ def main():
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replicated", action="store_true", help="plain TP (tokens on every rank), not sequence parallel")
+    ap.add_argument("--wide", action="store_true", help="d 128-1024: sizes where a dispatch can pay off")
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    cases = [draw(rng, args.world, i) for i in range(args.draws)]
+    cases = [draw(rng, args.world, i, not args.replicated, args.wide) for i in range(args.draws)]
     failures = 0
     for c, r in zip(cases, verify(cases, args.world)[0]):
         experts = sorted({p for n, p in r.placements.items() if "experts" in n})

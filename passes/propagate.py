@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from autotp.passes.context import AutoTPError, PassContext, where
 from autotp.passes.rules import RuleContext, Strategy, dedupe, find_rule, replicate_strategy, tensor_inputs, val
-from autotp.passes.rules.tokens import seq_symbols, token_strategies
+from autotp.passes.rules.tokens import seq_symbols, token_rows, token_strategies
 from autotp.placement import R, S, can_shard, is_shard
 
 aten = torch.ops.aten
@@ -43,7 +43,7 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     candidates: dict[fx.Node, set] = {}
     rctx = RuleContext(world=ctx.world, factors=factors, _candidates=candidates)
     unknown: dict[str, list[fx.Node]] = {}
-    seq_syms = seq_symbols(ctx.size_names) if ctx.activation_terms else frozenset()
+    seq_syms = seq_symbols(ctx.size_names) if ctx.world > 1 else frozenset()
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -79,7 +79,7 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         outs = set()
         for s in strategies:
             outs |= set(s.output) if isinstance(s.output, tuple) else {s.output}
-        candidates[node] = {p for p in outs if p is not None} | _sequence_shards(node, ctx)
+        candidates[node] = {p for p in outs if p is not None} | _sequence_shards(node, ctx) | token_rows(node, seq_syms)
     _report_unknown(unknown, ctx)
     _report_dropout(gm, ctx)
     return gm

@@ -95,6 +95,28 @@ def seq_symbols(size_names: dict) -> frozenset:
     return frozenset(s for s, name in size_names.items() if name == "seq")
 
 
+def token_rows(node: fx.Node, seq_syms) -> set:
+    """``L`` placements a view that merges the sequence dim into rows can deliver whatever its
+    input's placement: from a sequence shard by the view itself, from a replicated tensor by
+    keeping this rank's tokens (``comm.scatter_tokens``, no communication forward).  Offered as
+    candidates so the ops downstream enumerate token-local strategies; the solver prices the way
+    there."""
+    if not seq_syms or node.op != "call_function" or node.target not in RESHAPES:
+        return set()
+    x, out = val(node.args[0]), val(node)
+    sx = sym_val(node.args[0])
+    if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and isinstance(sx, torch.Tensor)):
+        return set()
+    groups = dim_groups(list(x.shape), list(out.shape))
+    found = set()
+    for d, size in enumerate(sx.shape):
+        if _tokens_in(size, seq_syms):
+            gi, gj = next(g for g in groups if d in g[0])
+            if len(gi) > 1 and len(gj) == 1 and all(_plain(sx.shape[k]) for k in gi):
+                found.add(TokenLocal(gj[0], "o", (tuple(_expr(sx.shape[k]) for k in gi), gi.index(d))))
+    return found
+
+
 # ---- helpers ----
 
 def _tokens_in(size, seq_syms) -> bool:
