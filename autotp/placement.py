@@ -23,20 +23,24 @@ R = Replicate()
 P = Partial()
 
 
-class DisjointPartial:
+class _Marker:
+    """A placement of autotp's own with no arguments: equal to any instance of its class."""
+
+    def __eq__(self, other):
+        return type(other) is type(self)
+
+    def __hash__(self):
+        return hash(type(self).__name__)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class DisjointPartial(_Marker):
     """``D``: a partial sum whose terms never overlap — every element is nonzero on at most one
     rank (the rows of the experts a rank owns under expert parallelism).  Summing over ranks
     gives the true value, like ``Partial``; unlike it, ops with f(0) = 0 (silu, mul, views,
     row gathers) may run on it locally.  Activations only, never a parameter."""
-
-    def __eq__(self, other):
-        return isinstance(other, DisjointPartial)
-
-    def __hash__(self):
-        return hash("DisjointPartial")
-
-    def __repr__(self):
-        return "DisjointPartial()"
 
 
 D = DisjointPartial()
@@ -85,20 +89,11 @@ def L(dim: int, kind: str = "o", origin: tuple | None = None) -> TokenLocal:
     return TokenLocal(dim, kind, origin)
 
 
-class ExpertRows:
+class ExpertRows(_Marker):
     """``X``: the rows (dim 0) routed to *this rank's experts* from every rank's tokens, grouped
     by expert — the layout between an expert-parallel dispatch and its combine (all-to-alls
     with split sizes from the routing; ``comm.moe_dispatch``).  Its row count depends on the
     routing; 1/N of the full rows when the load is balanced (what the cost model assumes)."""
-
-    def __eq__(self, other):
-        return isinstance(other, ExpertRows)
-
-    def __hash__(self):
-        return hash("ExpertRows")
-
-    def __repr__(self):
-        return "ExpertRows()"
 
     dim = 0
 

@@ -228,6 +228,7 @@ def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, li
     """
     lk, n = cost.get_link(link), plan.world
     blocks: dict[int | None, dict] = {}
+    topks = _topks(plan)
     for node in plan.gm.graph.nodes:
         if node.op != "call_function" or "grouped_mm" not in str(node.target):
             continue
@@ -247,7 +248,7 @@ def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, li
                 "TP inside experts" if is_shard(wp) else "replicated")
         a2a_expr = routed * d * element_bytes(val(x).dtype, dtype)
         a2a_bytes = evaluate(a2a_expr, batch, seq)
-        top_k = _top_k(plan, node) or 1
+        top_k = _top_k(topks, node) or 1
         tokens_expr = a2a_expr / top_k                 # the block's (tokens, d) input and output
         tokens_bytes = evaluate(tokens_expr, batch, seq)
         mine = [r for r in rows if r["layer"] == layer and r["forward"] and _under(r["module"], module_path(node))]
@@ -273,14 +274,16 @@ def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, li
     return dict(layers=sorted(blocks, key=lambda k: -1 if k is None else k), blocks=list(blocks.values()))
 
 
-def _top_k(plan, grouped_mm: fx.Node) -> int | None:
+def _topks(plan) -> list[tuple[str, int]]:
+    """(module path, k) of every top-k routing in the graph."""
+    return [(module_path(n), n.args[1]) for n in plan.gm.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.topk.default and isinstance(n.args[1], int)]
+
+
+def _top_k(topks: list, grouped_mm: fx.Node) -> int | None:
     """k of the top-k routing feeding a grouped matmul (the ``topk`` of the same MoE block)."""
     block = module_path(grouped_mm).rsplit(".", 1)[0]
-    for n in plan.gm.graph.nodes:
-        if n.op == "call_function" and n.target == torch.ops.aten.topk.default and \
-                module_path(n).startswith(block) and isinstance(n.args[1], int):
-            return n.args[1]
-    return None
+    return next((k for path, k in topks if path.startswith(block)), None)
 
 
 def _under(module: str, expert_module: str) -> bool:

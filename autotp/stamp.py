@@ -202,36 +202,30 @@ def stamp(gm: fx.GraphModule, params: dict, buffers: dict, path: str, n: int,
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     new_params, new_buffers = {}, {}
-    layer_ph = {k: [ph for ph in nodes if ph.op == "placeholder" and pos[ph] == k] for k in range(4)}
+    template_ph = [ph for ph in nodes if ph.op == "placeholder" and pos[ph] == 1]
     stamped_ph: dict[int, dict[str, fx.Node]] = {}
 
-    def copy_placeholder(ph: fx.Node, name: str, target_name: str | None, kind: str | None):
+    def copy_placeholder(ph: fx.Node, name: str, target: str | None) -> fx.Node:
         new = graph.placeholder(name)
         new.meta = dict(ph.meta)
-        if kind == "param":
-            new_params[new.name] = target_name
-        elif kind == "buffer":
-            new_buffers[new.name] = target_name
+        if ph.name in params:
+            new_params[new.name] = target
+        elif ph.name in buffers:
+            new_buffers[new.name] = target
         return new
 
-    emitted = False
-    for ph in nodes:
-        if ph.op != "placeholder":
+    for ph in nodes:            # in order; layer 1's place gets every stamped layer's inputs
+        if ph.op != "placeholder" or pos[ph] in (2, 3) or (pos[ph] == 1 and stamped_ph):
             continue
-        p = pos[ph]
-        kind = "param" if ph.name in params else "buffer" if ph.name in buffers else None
-        if p in (None, 0):
-            env[ph] = copy_placeholder(ph, ph.name, params.get(ph.name) or buffers.get(ph.name), kind)
-        elif not emitted:
-            emitted = True
-            for i in range(1, n):
-                stamped_ph[i] = {}
-                for tph in layer_ph[1]:
-                    rel = rel_name(tph, 1)
-                    t_kind = "param" if tph.name in params else "buffer"
-                    full = f"{path}.{i}.{rel}"
-                    stamped_ph[i][rel] = copy_placeholder(tph, "p_" + full.replace(".", "_") if t_kind == "param"
-                                                          else "b_" + full.replace(".", "_"), full, t_kind)
+        if pos[ph] is None or pos[ph] == 0:
+            env[ph] = copy_placeholder(ph, ph.name, params.get(ph.name) or buffers.get(ph.name))
+            continue
+        for i in range(1, n):
+            stamped_ph[i] = {}
+            for tph in template_ph:
+                rel, full = rel_name(tph, 1), f"{path}.{i}.{rel_name(tph, 1)}"
+                prefix = "p_" if tph.name in params else "b_"
+                stamped_ph[i][rel] = copy_placeholder(tph, prefix + full.replace(".", "_"), full)
     for node in nodes:
         if node.op == "placeholder" or pos[node] in (1, 2, 3):
             continue

@@ -50,6 +50,7 @@ def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
 def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     made: dict[tuple, fx.Node] = {}
+    size_nodes: dict[str, fx.Node] = {}         # size symbol -> its sym_size node (token collectives)
 
     def redistributed(t: fx.Node, dst, consumer: fx.Node) -> fx.Node:
         src = _placement(t)
@@ -63,14 +64,17 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if step.fn in (comm.moe_dispatch, comm.moe_combine):
                 # the routing's split sizes: the grouped matmul's offs (dispatch), or that of the
                 # grouped matmuls the expert rows came from (combine)
-                offs = consumer.args[2] if step.fn is comm.moe_dispatch else _routing_of(cur)
-                order = {n: i for i, n in enumerate(graph.nodes)}
-                at = graph.inserting_after(cur) if order[offs] < order[cur] else graph.inserting_before(consumer)
+                # the dispatch goes right before its grouped matmul (after both the rows and offs);
+                # the combine right after the expert rows (their grouped matmul read offs before)
+                if step.fn is comm.moe_dispatch:
+                    offs, at = consumer.args[2], graph.inserting_before(consumer)
+                else:
+                    offs, at = _routing_of(cur), graph.inserting_after(cur)
                 with at:
                     new = graph.call_function(step.fn, (cur, offs, ctx.group, *extra))
             elif step.fn in comm.TOKEN_COLLECTIVES:
                 dim, (exprs, k) = step.args
-                sizes = [_size_node(graph, e) for e in exprs]
+                sizes = [_size_node(graph, e, size_nodes) for e in exprs]
                 with graph.inserting_after(cur):
                     new = graph.call_function(step.fn, (cur, dim, k, ctx.group, *extra, *sizes))
             else:
@@ -252,14 +256,14 @@ def _full_slice(node: fx.Node) -> bool:
     return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= size))
 
 
-def _size_node(graph: fx.Graph, expr: str):
+def _size_node(graph: fx.Graph, expr: str, made: dict):
     """The run-time value of a size: an int, or ``sym_size`` of the first user input that has a
-    dim of exactly that size symbol (made once, right after the inputs)."""
+    dim of exactly that size symbol (made once per symbol, right after the inputs; ``made``
+    remembers it)."""
     if expr.lstrip("-").isdigit():
         return int(expr)
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target == torch.ops.aten.sym_size.int and n.meta.get("autotp_size") == expr:
-            return n
+    if expr in made:
+        return made[expr]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for ph in placeholders:
         v = ph.meta.get("val")
@@ -268,8 +272,8 @@ def _size_node(graph: fx.Graph, expr: str):
                 if isinstance(size, torch.SymInt) and str(size.node.expr) == expr:
                     with graph.inserting_after(placeholders[-1]):
                         node = graph.call_function(torch.ops.aten.sym_size.int, (ph, d))
-                    node.meta["val"], node.meta["autotp_size"] = size, expr
-                    node.meta["autotp"] = {}
+                    node.meta["val"], node.meta["autotp"] = size, {}
+                    made[expr] = node
                     return node
     raise AssertionError(f"no input has a dim of size {expr}")
 

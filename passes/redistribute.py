@@ -12,10 +12,7 @@ import dataclasses
 
 from autotp import comm
 from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
-from autotp.placement import D, P, R, ExpertRows, Placement, TokenLocal, split_factor
-
-
-X_ROWS = ExpertRows()
+from autotp.placement import D, P, R, X, ExpertRows, Placement, TokenLocal, split_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +26,10 @@ class Step:
 def steps(src: Placement, dst: Placement) -> list[Step] | None:
     if src == dst:
         return []
-    if isinstance(src, TokenLocal) and dst == X_ROWS:
+    if isinstance(src, TokenLocal) and dst == X:
         # rows sorted by expert on each rank's tokens -> the rows of this rank's experts
         return [Step(comm.moe_dispatch, (), ALL_TO_ALL, ALL_TO_ALL)] if src.kind == "s" else None
-    if src == X_ROWS and isinstance(dst, TokenLocal):
+    if src == X and isinstance(dst, TokenLocal):
         return [Step(comm.moe_combine, (), ALL_TO_ALL, ALL_TO_ALL)] if dst.kind == "s" else None
     if isinstance(dst, TokenLocal) and dst.kind == "o" and dst.origin is not None:
         args = (dst.dim, dst.origin)  # rows in token order: this rank's slice of the merged dims

@@ -26,15 +26,19 @@ AUX = dict(MOE_FAMILIES["mixtral"], output_router_logits=True, router_aux_loss_c
 FAMILIES = list(MOE_FAMILIES) + ["mixtral-aux", "skew"]
 
 
+def builders() -> dict:
+    """Each checked model: name -> a picklable factory (the same one plans and runs)."""
+    out = {n: HFModel(c) for n, c in MOE_FAMILIES.items()}
+    out["mixtral-aux"] = HFModel(AUX)
+    out["skew"] = SkewedMixtral()
+    return out
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def results(request):
-    cases = [Case(n, HFModel(c)) for n, c in MOE_FAMILIES.items()]
-    cases.append(Case("mixtral-aux", HFModel(AUX)))
-    cases.append(Case("skew", SkewedMixtral()))
+    cases = [Case(n, b) for n, b in builders().items()]
     # tokens split by sequence: dispatch and combine by all-to-all
-    cases += [Case(f"{n}-a2a", HFModel(c), kwargs=SP, other_shapes=((3, 4),)) for n, c in MOE_FAMILIES.items()]
-    cases.append(Case("mixtral-aux-a2a", HFModel(AUX), kwargs=SP, other_shapes=((3, 4),)))
-    cases.append(Case("skew-a2a", SkewedMixtral(), kwargs=SP, other_shapes=((3, 4),)))
+    cases += [Case(f"{n}-a2a", b, kwargs=SP, other_shapes=((3, 4),)) for n, b in builders().items()]
     return request.param, verify(cases, request.param)
 
 
@@ -60,8 +64,8 @@ def test_all_to_all_dispatch_and_combine_counts(results, family):
     world, per_rank = results
     r = next(x for x in per_rank[0] if x.name == f"{family}-a2a")
     assert not r.error, r.error
-    kwargs = {"output_router_logits": True, "router_aux_loss_coef": 0.02} if "aux" in family else {}
-    model = SkewedMixtral()() if family == "skew" else build_any("mixtral" if "mixtral" in family else family, **kwargs)
+    torch.manual_seed(0)
+    model = builders()[family]()
     plan = autotp.plan(model, (torch.randint(0, 128, (2, 8)),), world_size=world, **SP)
     moe = collections.Counter()
     planned = collections.Counter()

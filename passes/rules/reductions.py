@@ -68,14 +68,27 @@ def _along_dim_rule(node: fx.Node, ctx: RuleContext, dim: int) -> list[Strategy]
     return dedupe(strategies)
 
 
+def along_dim(node: fx.Node) -> int | None:
+    """The dim a softmax / scan / sort / top-k works along (None where the call gives none)."""
+    if node.target == aten.topk.default:
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    if node.target == aten.sort.stable:
+        return node.kwargs.get("dim", -1)
+    if node.target == aten.sort.default:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
+def keeps_dim(node: fx.Node) -> bool:
+    """Whether the op keeps the dim it works along (argmax/argmin only with keepdim)."""
+    return node.target not in (aten.argmax.default, aten.argmin.default) or _keepdim(node)
+
+
 @register_rule(aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
                aten.cumsum.default, aten.cumprod.default, aten.argmax.default, aten.argmin.default)
 def softmax_rule(node, ctx):
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dim is None:
-        return [replicate_strategy(node)]
-    keep = node.target not in (aten.argmax.default, aten.argmin.default) or _keepdim(node)
-    if not keep:
+    dim = along_dim(node)
+    if dim is None or not keeps_dim(node):
         return [replicate_strategy(node)]
     strategies = _along_dim_rule(node, ctx, dim)
     if node.target == aten.cumsum.default and P in ctx.candidates(node.args[0]):
@@ -85,13 +98,7 @@ def softmax_rule(node, ctx):
 
 @register_rule(aten.topk.default, aten.sort.default, aten.sort.stable)
 def topk_rule(node, ctx):
-    if node.target == aten.topk.default:
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-    elif node.target == aten.sort.stable:
-        dim = node.kwargs.get("dim", -1)
-    else:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-    return _along_dim_rule(node, ctx, dim)
+    return _along_dim_rule(node, ctx, along_dim(node))
 
 
 @register_rule(aten.layer_norm.default, aten.rms_norm.default)

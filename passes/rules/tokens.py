@@ -40,14 +40,16 @@ import operator
 import torch
 import torch.fx as fx
 
-from autotp.placement import P, R, S, ExpertRows, TokenLocal, is_shard, split_factor
+from autotp.placement import P, R, S, X, ExpertRows, TokenLocal, is_shard, split_factor
 from autotp.passes.rules import RuleContext, Strategy, dedupe, sym_val, tensor_inputs, val
-from autotp.passes.rules.views import RESHAPES, dim_groups
+from autotp.passes.rules.moe import partition_key
+from autotp.passes.rules.pointwise import _EXTRA, _dim_map
+from autotp.passes.rules.reductions import _keepdim, _reduce_dims, along_dim, keeps_dim
+from autotp.passes.rules.views import RESHAPES, _localize_shape, dim_groups
 
 aten = torch.ops.aten
 
 DATA = ("o", "s")                    # kinds whose values are data (positions kinds: sp, op, ip)
-X = ExpertRows()
 
 _ROWWISE_POSITIONS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.alias.default,
                       aten.contiguous.default, aten.detach.default, aten.empty_like.default}
@@ -108,13 +110,18 @@ def token_rows(node: fx.Node, seq_syms) -> set:
     if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and isinstance(sx, torch.Tensor)):
         return set()
     groups = dim_groups(list(x.shape), list(out.shape))
-    found = set()
-    for d, size in enumerate(sx.shape):
-        if _tokens_in(size, seq_syms):
-            gi, gj = next(g for g in groups if d in g[0])
-            if len(gi) > 1 and len(gj) == 1 and all(_plain(sx.shape[k]) for k in gi):
-                found.add(TokenLocal(gj[0], "o", (tuple(_expr(sx.shape[k]) for k in gi), gi.index(d))))
-    return found
+    return {q for d in range(sx.ndim) if (q := _entry(sx, groups, d, seq_syms)) is not None}
+
+
+def _entry(sx: torch.Tensor, groups: list, d: int, seq_syms):
+    """``L`` of a view's output when its input dim ``d`` is the sequence and the view merges it
+    with others into one row dim (``(B, S, d) -> (B*S, d)``); None otherwise."""
+    if not _tokens_in(sx.shape[d], seq_syms):
+        return None
+    gi, gj = next(g for g in groups if d in g[0])
+    if len(gi) > 1 and len(gj) == 1 and all(_plain(sx.shape[k]) for k in gi):
+        return TokenLocal(gj[0], "o", (tuple(_expr(sx.shape[k]) for k in gi), gi.index(d)))
+    return None
 
 
 # ---- helpers ----
@@ -159,14 +166,7 @@ def sort_key(node: fx.Node, limit: int = 200) -> frozenset:
 
 
 def _is_pointwise(target) -> bool:
-    from autotp.passes.rules.pointwise import _EXTRA
     return target in _EXTRA or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
-
-
-def _localize_rows(node: fx.Node, strategy: Strategy, lctx) -> None:
-    """A view into a token-local or sequence-sharded dim: that entry of the target shape is 1/N."""
-    from autotp.passes.rules.views import _localize_shape
-    _localize_shape(node, strategy, lctx)
 
 
 # ---- views: the region's entry and exit, and views inside it ----
@@ -176,19 +176,15 @@ def _views(node: fx.Node, ctx: RuleContext, seq_syms) -> list[Strategy]:
     sx, so = sym_val(node.args[0]), sym_val(node)
     if not (isinstance(x, torch.Tensor) and isinstance(sx, torch.Tensor) and isinstance(so, torch.Tensor)):
         return []
-    hook = _localize_rows if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
+    hook = _localize_shape if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
         else None
     groups = dim_groups(list(x.shape), list(out.shape))
     strategies = []
     for p in ctx.candidates(node.args[0]):
         if is_shard(p) and split_factor(p) == 1:                          # entry: S(seq) merged into rows
-            d = p.dim % x.ndim
-            if not _tokens_in(sx.shape[d], seq_syms):
-                continue
-            gi, gj = next(g for g in groups if d in g[0])
-            if len(gi) > 1 and len(gj) == 1 and all(_plain(sx.shape[k]) for k in gi):
-                origin = (tuple(_expr(sx.shape[k]) for k in gi), gi.index(d))
-                strategies.append(Strategy((p,), TokenLocal(gj[0], "o", origin), localize=hook))
+            q = _entry(sx, groups, p.dim % x.ndim, seq_syms)
+            if q is not None:
+                strategies.append(Strategy((p,), q, localize=hook))
         elif isinstance(p, TokenLocal):
             i = p.dim
             gi, gj = next(g for g in groups if i in g[0])
@@ -263,7 +259,6 @@ def _from_start(node: fx.Node) -> bool:
 # ---- row-wise compute ----
 
 def _pointwise(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
-    from autotp.passes.rules.pointwise import _dim_map
     out = val(node)
     if not isinstance(out, torch.Tensor) or out.ndim == 0:
         return []
@@ -321,7 +316,6 @@ def _same_sort(nodes) -> bool:
 
 
 def _same_routing(nodes) -> bool:
-    from autotp.passes.rules.moe import partition_key
     keys = {partition_key(n) for n in nodes}
     return len(keys) == 1 and len(next(iter(keys))) == 1
 
@@ -348,10 +342,7 @@ def _matmul(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
 
 def _reduce(node: fx.Node, local) -> list[Strategy]:
     x = val(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = [dims] if isinstance(dims, int) else list(dims or range(x.ndim))
-    dims = sorted(d % x.ndim for d in dims)
-    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    dims, keep = _reduce_dims(node, x.ndim), _keepdim(node)
     strategies = []
     for p in local:
         if not isinstance(p, TokenLocal) or p.kind not in DATA:
@@ -369,18 +360,12 @@ def _along(node: fx.Node, local) -> list[Strategy]:
     """Softmax / top-k / sort along a dim: along another dim, every row alone; a sort along the
     rows themselves gives sorted rows and their positions."""
     x = val(node.args[0])
-    if node.target == aten.topk.default:
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-    elif node.target == aten.sort.stable:
-        dim = node.kwargs.get("dim", -1)
-    else:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    dim = along_dim(node)
     if dim is None:
         return []
     dim %= max(x.ndim, 1)
     outs = val(node)
-    keep = node.target not in (aten.argmax.default, aten.argmin.default) or \
-        bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    keep = keeps_dim(node)
     strategies = []
     for p in local:
         if not isinstance(p, TokenLocal) or p.kind not in DATA:
