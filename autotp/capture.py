@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import operator
 import os
 from typing import Any
 
@@ -48,7 +49,88 @@ def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
     each of its passes (6 times, ~1 s for an 80-layer Llama) and reads none of it.  The program's
     graph module is built afterwards as a plain, compiled ``GraphModule``; its graph is the same."""
     with _use_lazy_graph_module(True):
-        return torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        hazard = hidden_mutation(program.graph_module)
+        if hazard is not None:
+            log.info("autotp: %s mutates a tensor read elsewhere: the graph is functionalized", hazard.format_node())
+            program = program.run_decompositions({})
+    inline_no_grad(program.graph_module)
+    return program
+
+
+def _is_view(node) -> bool:
+    target = getattr(node, "target", None)
+    return isinstance(target, torch._ops.OpOverload) and any(r.alias_info is not None and not r.alias_info.is_write
+                                                             for r in target._schema.returns)
+
+
+def hidden_mutation(gm: fx.GraphModule) -> fx.Node | None:
+    """The first in-place op whose effect the graph's edges do not show, else None.
+
+    An in-place op on a fresh tensor that later code reads through the op's own result is an
+    ordinary node for the passes.  One that writes into a view (``buf[..., :8].copy_(k)``, then
+    ``buf`` is read) or into a tensor read again by name afterwards changes a value no edge
+    carries: sharding, moving or gathering that tensor would run the write on another copy.
+    Such graphs are functionalized (``run_decompositions({})``: ``copy_`` into a slice becomes
+    ``slice_scatter`` and the reads take its result; no op is decomposed)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) \
+                or not n.target._schema.is_mutable or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        written = n.args[0]
+        if _is_view(written) or any(order[u] > order[n] for u in written.users if u is not n):
+            return n
+    return None
+
+
+_NO_GRAD_REGION = torch.ops.higher_order.wrap_with_set_grad_enabled
+
+
+def inline_no_grad(gm: fx.GraphModule) -> None:
+    """Inline the body of each ``torch.no_grad()`` region (export keeps it as a
+    ``wrap_with_set_grad_enabled(False, submodule, *inputs)`` call) and detach what it returns.
+
+    Same values and the same gradients (nothing flows back through a detached output), and the
+    region's ops become ordinary nodes of the one graph: the rule table sees them (a router's
+    top-k under no_grad is sharded like any other), and the rank-local module has no nested
+    graph module (torch's module hooks — ``CommDebugMode``'s among them — do not expect one)."""
+    graph = gm.graph
+    regions = [n for n in graph.nodes if n.op == "call_function" and n.target is _NO_GRAD_REGION
+               and n.args[0] is False]
+    for node in regions:
+        body = getattr(gm, node.args[1].target)
+        inline_no_grad(body)
+        placeholders = [p for p in body.graph.nodes if p.op == "placeholder"]
+        env = dict(zip(placeholders, node.args[2:]))
+        with graph.inserting_before(node):
+            out = graph.graph_copy(body.graph, env)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            detached = []
+            for o in outs:
+                if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor):
+                    d = graph.call_function(aten.detach.default, (o,))
+                    d.meta = {k: v for k, v in o.meta.items() if k in ("stack_trace", "nn_module_stack")}
+                    d.meta["val"] = o.meta["val"].detach()
+                    o = d
+                detached.append(o)
+        if isinstance(out, (tuple, list)):
+            for user in list(node.users):
+                if user.target is operator.getitem:
+                    user.replace_all_uses_with(detached[user.args[1]])
+                    graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(detached[0])
+        if node.users:
+            raise AutoTPError(f"a torch.no_grad() region ({node.name}) is used other than by its outputs")
+        sub = node.args[1]
+        graph.erase_node(node)
+        if not sub.users:
+            graph.erase_node(sub)
+            delattr(gm, sub.target)
+    if regions:
+        graph.lint()
+        gm.recompile()
 
 
 def _export_or_explain(model, args: tuple, kwargs: dict, dynamic_shapes) -> ExportedProgram:
@@ -309,6 +391,28 @@ def _split_bias(graph: fx.Graph, node: fx.Node, matmul, x: fx.Node, w: fx.Node, 
     reshape.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
 
 
+def _copy_as_value(graph: fx.Graph, node: fx.Node) -> None:
+    """Functionalization's ``copy(dst, src)`` (what ``dst.copy_(src)`` became) is ``src``
+    broadcast to ``dst``'s shape in ``dst``'s dtype; eager autograd has no derivative for
+    ``aten.copy``, and the passes know the plain ops."""
+    dst, src = node.args[:2]
+    want, have = dst.meta["val"], src.meta["val"] if isinstance(src, fx.Node) else None
+    if not isinstance(have, torch.Tensor):
+        return
+    out = src
+    with graph.inserting_before(node):
+        if tuple(have.shape) != tuple(want.shape):
+            sizes = [d if isinstance(d, int) else _new(graph, node, aten.sym_size.int, (dst, i))
+                     for i, d in enumerate(want.shape)]
+            out = _new(graph, node, aten.expand.default, (out, sizes))
+        if have.dtype != want.dtype:
+            out = _new(graph, node, aten._to_copy.default, (out,))
+            out.kwargs = {"dtype": want.dtype}
+            out.meta["val"] = _fake_call(lambda t: t.to(want.dtype), out.args[0])
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
@@ -319,6 +423,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         elif node.target == aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
             x, w, b = node.args[:3]
             _split_bias(graph, node, aten.linear.default, x, w, b)
+        elif node.target == aten.copy.default:
+            _copy_as_value(graph, node)
         elif node.target == aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
             b, x, w = node.args[:3]
             _split_bias(graph, node, aten.mm.default, x, w, b)

@@ -79,12 +79,13 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
     import autotp
     from torch.distributed.tensor.debug import CommDebugMode
     res = Result(case.name, world)
+    torch.set_grad_enabled(True)          # whatever an earlier case left behind
     try:
         torch.manual_seed(seed)
         model = case.build()
         reference = copy.deepcopy(model)
         res.matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
-        vocab = case.vocab or model.config.vocab_size
+        vocab = case.vocab or getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(seed + 1))
         ref_out = reference(ids)
         ref_logits, ref_aux = _logits(ref_out), _aux(ref_out)
