@@ -23,12 +23,12 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, guarding_hint_or_throw
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from autotp import stamp
-from autotp.passes.context import AutoTPError
+from autotp.passes.context import AutoTPError, where
 
 log = logging.getLogger("autotp")
 
@@ -204,7 +204,15 @@ def attach_concrete(gm: fx.GraphModule) -> None:
     """``meta["autotp_val"]``: every node's value at the example's sizes (see ``rules.val``)."""
     for node in gm.graph.nodes:
         if "val" in node.meta:
-            node.meta["autotp_val"] = concrete(node.meta["val"])
+            try:
+                node.meta["autotp_val"] = concrete(node.meta["val"])
+            except GuardOnDataDependentSymNode as e:
+                raise AutoTPError(
+                    f"{where(node)}\nhas a size that depends on tensor values ({str(e).splitlines()[0]}), e.g. "
+                    "nonzero(), boolean-mask indexing or .tolist() sizes. autotp plans sizes known from the "
+                    "inputs' shapes only. What to do: write that step with fixed sizes (torch.where, a "
+                    "scatter/gather over a padded size, topk with a fixed k), or choose another implementation "
+                    "of the block if the model offers one (e.g. config._experts_implementation).") from e
 
 
 def dynamic_spec(args: tuple, kwargs: dict, names: list[str]):

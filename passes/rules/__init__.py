@@ -96,6 +96,13 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in flat if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
 
 
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """The op's argument ``name`` (position ``index`` in its schema), wherever the call put it."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 def val(node) -> torch.Tensor | None:
     """The node's value with concrete shapes (meta tensors): the example's batch and sequence
     sizes stand in for the symbolic ones, so rules do plain integer arithmetic."""

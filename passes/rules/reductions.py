@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
+from autotp.passes.rules import RuleContext, arg, Strategy, dedupe, register_rule, replicate_strategy, val
 from autotp.placement import D, P, R, S, is_shard, split_factor
 
 aten = torch.ops.aten
 
 
 def _reduce_dims(node: fx.Node, ndim: int) -> list[int]:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = arg(node, 1, "dim")
     if dims is None or dims == []:
         return list(range(ndim))
     dims = [dims] if isinstance(dims, int) else dims
@@ -23,7 +23,7 @@ def _reduce_dims(node: fx.Node, ndim: int) -> list[int]:
 
 
 def _keepdim(node: fx.Node) -> bool:
-    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    return bool(arg(node, 2, "keepdim", False))
 
 
 @register_rule(aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,

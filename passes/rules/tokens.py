@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import P, R, S, X, ExpertRows, TokenLocal, is_shard, split_factor
-from autotp.passes.rules import RuleContext, Strategy, dedupe, sym_val, tensor_inputs, val
+from autotp.passes.rules import RuleContext, arg, Strategy, dedupe, sym_val, tensor_inputs, val
 from autotp.passes.rules.moe import partition_key
 from autotp.passes.rules.pointwise import _EXTRA, _dim_map
 from autotp.passes.rules.reductions import _keepdim, _reduce_dims, along_dim, keeps_dim
@@ -230,7 +230,7 @@ def _same_tokens(a, b) -> bool:
 
 def _split(node: fx.Node, local) -> list[Strategy]:
     x = val(node.args[0])
-    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % x.ndim
+    dim = (arg(node, 1, "dim", 0) if node.target == aten.unbind.int else arg(node, 2, "dim", 0)) % x.ndim
     outs = val(node)
     return [Strategy((p,), tuple(p for _ in outs)) for p in local if p.dim != dim]
 
@@ -238,7 +238,7 @@ def _split(node: fx.Node, local) -> list[Strategy]:
 def _slice(node: fx.Node, local) -> list[Strategy]:
     """A slice or select along another dim than the rows (a full-range slice of the rows too)."""
     x, out = val(node.args[0]), val(node)
-    dim = (node.args[1] if len(node.args) > 1 else 0) % x.ndim
+    dim = arg(node, 1, "dim", 0) % x.ndim
     strategies = []
     for p in local:
         if not isinstance(p, TokenLocal):
@@ -435,7 +435,7 @@ def _index_put(node: fx.Node, ins, local) -> list[Strategy]:
     """``base[perm] = arange(n)``: the inverse of the sort ``perm`` (every row written, since a
     sort's indices are a permutation)."""
     base, indices, values = node.args[0], node.args[1], node.args[2]
-    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    accumulate = arg(node, 3, "accumulate", False)
     if accumulate or len(indices) != 1 or len(ins) != 3 or _sort_rows(indices[0]) is None:
         return []
     if values.op != "call_function" or values.target not in (aten.arange.default, aten.arange.start):

@@ -13,7 +13,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from autotp.passes.rules import (RuleContext, Strategy, dedupe, register_rule, replicate_strategy, sym_val,
+from autotp.passes.rules import (RuleContext, arg, Strategy, dedupe, register_rule, replicate_strategy, sym_val,
                                  tensor_inputs, val)
 from autotp.placement import D, P, R, S, Placement, is_shard, split_factor, splits
 
@@ -160,7 +160,7 @@ def permute_rule(node, ctx):
 @register_rule(aten.slice.Tensor)
 def slice_rule(node, ctx):
     x = val(node.args[0])
-    dim = (node.args[1] if len(node.args) > 1 else 0) % x.ndim
+    dim = arg(node, 1, "dim", 0) % x.ndim
     full = val(node).shape[dim] == x.shape[dim]
     return _remap(node.args[0], ctx, node, lambda d: d if (d != dim or full) else None)
 
@@ -199,7 +199,7 @@ def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     unbind = node.target == aten.unbind.int
     # chunk(x, n, dim) keeps its count: local chunks shrink with the shard, no argument changes
     hook = None if node.target == aten.chunk.default else _localize_split
-    dim = (node.args[1] if unbind else (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)))
+    dim = arg(node, 1, "dim", 0) if unbind else arg(node, 2, "dim", 0)
     dim = (dim if dim is not None else 0) % x.ndim
     k = len(outs)
     strategies = [replicate_strategy(node)]
@@ -220,7 +220,7 @@ def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
 def cat_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     ins = tensor_inputs(node)
     out = val(node)
-    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out.ndim
+    dim = arg(node, 1, "dim", 0) % out.ndim
     strategies = [replicate_strategy(node)]
     if not ins or any(val(a).ndim != out.ndim for a in ins):
         return strategies
@@ -242,7 +242,7 @@ def cat_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
 def stack_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     ins = tensor_inputs(node)
     out = val(node)
-    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out.ndim
+    dim = arg(node, 1, "dim", 0) % out.ndim
     strategies = [replicate_strategy(node)]
     options = {(p.dim % val(a).ndim, split_factor(p)) for a in ins for p in ctx.candidates(a) if is_shard(p)}
     for d, f in sorted(options):
