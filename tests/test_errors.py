@@ -63,6 +63,20 @@ def test_model_export_rejects_gets_a_way_out():
     assert "torch.export could not capture _DataDependent" in msg and "torch.cond" in msg
 
 
+def test_data_dependent_size_names_node_line_and_way_out():
+    """JetMoE's router sizes its expert batches with ``.tolist()``: export keeps a size no input
+    shape gives.  The error names the op, the module, the model's source line and what to do."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("jetmoe", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2)
+    with pytest.raises(AutoTPError) as err:
+        autotp.plan(AutoModelForCausalLM.from_config(cfg), (torch.randint(0, 128, (2, 8)),), world_size=2)
+    msg = str(err.value)
+    assert "aten.item.default" in msg and "experts.router" in msg and "tolist()" in msg   # op, module, line
+    assert "depends on tensor values" in msg and "What to do" in msg
+
+
 def test_mesh_without_tp_dimension(one_rank):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "pp"))

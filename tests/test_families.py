@@ -3,7 +3,12 @@
 Each brings something the public test set does not: Falcon (multi-query fused qkv, parallel
 attention + MLP, ``x @ W.T``), Phi-3 (fused qkv and gate_up), GPT-NeoX (per-head interleaved
 fused qkv, partial rotary), Bloom (ALiBi), Gemma-3 (q/k norms, sliding window), MPT, OPT
-(offset positions), GPT-BigCode (multi-query, unequal qkv split), OLMoE and Qwen3-MoE.
+(offset positions), GPT-BigCode (multi-query, unequal qkv split), OLMoE and Qwen3-MoE;
+DeepSeek-V3 (latent attention: k written into a slice of a fresh buffer, an in-place write the
+graph's edges do not show until capture functionalizes it; group-limited routing with
+``scatter_``), GLM-MoE-DSA (an indexer under ``torch.no_grad()``) and AFMoE (views the
+attention output's transpose, valid only in SDPA's output layout).  ``benchmarks/model_zoo.py``
+runs every family transformers ships.
 """
 from autotp.verify import Case, HFModel, verify
 
@@ -23,6 +28,14 @@ FAMILIES = {
                         attn_pdrop=0.0),
     "olmoe": dict(BASE, num_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(BASE, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32,
+                        kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=8, v_head_dim=16),
+    "glm_moe_dsa": dict(BASE, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                        topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=8,
+                        v_head_dim=16),
+    "afmoe": dict(BASE, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 }
 
 
