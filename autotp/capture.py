@@ -302,14 +302,16 @@ def unrolled_sizes(gm: fx.GraphModule) -> dict:
             continue
         size = x.shape[node.args[1] % x.ndim]
         if isinstance(size, torch.SymInt) and not size.node.expr.is_number:
-            for sym in size.node.expr.free_symbols:
-                seen.setdefault(sym, (hint_int(size), {}))[1].setdefault(node.args[2], node)
+            seen.setdefault(size.node.expr, (size, {}))[1].setdefault(node.args[2], node)
     pinned = {}
-    for sym, (example, by_index) in seen.items():
+    for expr, (size, by_index) in seen.items():
         # a loop: several constant positions, up to the last one of the example (x[:, -1] is generic)
-        if len(by_index) >= 2 and max(by_index) == example - 1:
+        if len(by_index) >= 2 and max(by_index) == hint_int(size) - 1:
             node = by_index[max(by_index)]
-            pinned[sym] = (example, node.name, (node.meta.get("stack_trace") or "").strip().splitlines()[-1:])
+            line = (node.meta.get("stack_trace") or "").strip().splitlines()[-1:]
+            values = size.node.shape_env.backed_var_to_val
+            for sym in expr.free_symbols:      # the dim may be a padded length: pin the input's own size
+                pinned[sym] = (int(values[sym]) if sym in values else hint_int(size), node.name, line)
     return pinned
 
 

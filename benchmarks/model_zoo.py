@@ -122,9 +122,12 @@ def outcome(r) -> str:
         final = r.error.rsplit("Traceback (most recent call last):", 1)[-1]   # the exception raised last
         kind = "clear-error" if "AutoTPError" in final else "BAD-ERROR"
         msg = next((ln for ln in final.splitlines() if "Error" in ln and not ln.startswith(" ")), final.strip().splitlines()[-1])
+        if r.logits_err == r.logits_err and r.grad_err == r.grad_err:      # the example itself ran
+            ok = "ok" if max(r.logits_err, r.grad_err) <= TOL else "WRONG"
+            return f"{ok}  logits {r.logits_err:.1e}  grads {r.grad_err:.1e}; other shape: {kind}: {msg[:120]}"
         return f"{kind}: {msg[:160]}"
     errs = (r.logits_err, r.grad_err, r.other_shape_err)
-    verdict = "ok" if all(e <= TOL for e in errs) else "WRONG"
+    verdict = "ok" if all(e <= TOL for e in errs) else "WRONG"   # NaN is WRONG
     return f"{verdict}  logits {r.logits_err:.1e}  grads {r.grad_err:.1e} ({r.worst_grad})  other {r.other_shape_err:.1e}"
 
 
@@ -161,7 +164,7 @@ def main() -> int:
             for j, n in enumerate(part):
                 worst = max((outcome(per_rank[r][j]) for r in range(world)),
                             key=lambda s: ("BAD" in s, "WRONG" in s, "clear" in s))
-                failures += worst.startswith(("WRONG", "BAD"))
+                failures += "WRONG" in worst or "BAD-ERROR" in worst
                 print(f"{n:28s} N={world}  {worst}", flush=True)
             print(f"#   {time.time() - t0:.0f} s", flush=True)
     print(f"# failures: {failures}")

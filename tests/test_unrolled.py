@@ -44,3 +44,33 @@ def test_last_position_select_is_generic():
 
     cap = capture(Last(), (torch.randn(2, 6, 8),))
     assert not cap.pinned
+
+
+class _ChunkScan(torch.nn.Module):
+    """A scan over a sequence padded up to whole chunks (Qwen3-Next's chunked delta rule): the
+    loop runs over the padded length, a size that is not the input's."""
+
+    def __init__(self, chunk=8):
+        super().__init__()
+        self.chunk = chunk
+        self.embed = torch.nn.Embedding(16, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)                                           # (B, T, 4)
+        pad = (self.chunk - h.shape[1] % self.chunk) % self.chunk
+        h = torch.nn.functional.pad(h, (0, 0, 0, pad))                 # (B, T + pad, 4)
+        state = torch.zeros_like(h[:, 0])
+        for t in range(h.shape[1]):
+            state = state + h[:, t]
+        return state
+
+
+def test_loop_over_a_padded_length_pins_the_inputs_own_length():
+    """The pinned value is the input's sequence length (5), not the padded length (8): the
+    example's own shape runs, and any other length gets the clear error."""
+    ids = torch.randint(0, 16, (2, 5))
+    cap = capture(_ChunkScan(), (ids,))
+    from autotp.runtime import _static
+    sizes = [n.meta["val"].shape for n in cap.gm.graph.nodes if n.op == "placeholder" and n.name == "ids"][0]
+    pinned = {str(cap.symbols.get(s, s)): v[0] for s, v in cap.pinned.items()}
+    assert _static(sizes[1]) == 5 or pinned.get("seq") == 5, (sizes, pinned)
