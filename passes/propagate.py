@@ -43,7 +43,9 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     candidates: dict[fx.Node, set] = {}
     rctx = RuleContext(world=ctx.world, factors=factors, _candidates=candidates)
     unknown: dict[str, list[fx.Node]] = {}
-    seq_syms = seq_symbols(ctx.size_names) if ctx.world > 1 else frozenset()
+    # token-local rows and sequence shards only where the user asked for sequence splits: a plain
+    # TP plan runs any batch and sequence length (a split of either would need it to divide by N)
+    seq_syms = seq_symbols(ctx.size_names) if ctx.world > 1 and ctx.activation_terms else frozenset()
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -87,20 +89,29 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
 
 def _batch_info(node: fx.Node, ctx: PassContext) -> tuple:
     """What ``_splits_batch`` reads of ``node``, once for all its strategies: its value(s), its
-    tensor inputs' values, and ``dims(t)``: the dims of ``t`` whose size is the batch symbol alone."""
+    tensor inputs' values, and ``dims(t)``: the dims of ``t`` no strategy may split — those whose
+    size is the batch symbol alone and, unless the plan may split the sequence
+    (``ctx.activation_terms``), every dim whose size involves the sequence symbol."""
     memo: dict = {}
+    seq_free = not ctx.activation_terms
+
+    def fixed(size) -> bool:
+        if not isinstance(size, torch.SymInt):
+            return False
+        names = {ctx.size_names.get(x) for x in size.node.expr.free_symbols}
+        return names == {"batch"} or (seq_free and "seq" in names)
 
     def dims(t: torch.Tensor) -> set:
         if id(t) not in memo:
-            memo[id(t)] = {d for d, size in enumerate(t.shape) if isinstance(size, torch.SymInt)
-                           and {ctx.size_names.get(x) for x in size.node.expr.free_symbols} == {"batch"}}
+            memo[id(t)] = {d for d, size in enumerate(t.shape) if fixed(size)}
         return memo[id(t)]
     return node.meta.get("val"), [a.meta.get("val") for a in tensor_inputs(node)], dims
 
 
 def _splits_batch(s: Strategy, batch: tuple) -> bool:
-    """A strategy that splits the batch dim: valid, but batch belongs to data parallelism — it
-    may be 1 or odd at run time, where the plan would then fail.  Tensor parallelism splits
+    """A strategy that splits the batch dim, or the sequence in a plan without sequence
+    parallelism: valid for the example, but the plan must run any batch and sequence length (1,
+    odd, a prompt of any length), where such a split would not divide.  Tensor parallelism splits
     weights, heads and (with ``sequence_parallel``) the sequence, never the batch.  ``batch``:
     ``_batch_info(node, ctx)``."""
     v, in_vals, dims = batch

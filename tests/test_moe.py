@@ -3,8 +3,7 @@
 The experts are captured as stacked 3-D weights and ``transformers::grouped_mm_fallback``;
 from the grouped-matmul rule the plan puts E/N whole experts on each rank (expert
 parallelism), with no per-model code.  Tokens replicated (plain tensor parallelism): each rank
-runs its experts' rows and one all-reduce combines — or, where the cost model finds it cheaper
-(wide models, N >= 4), keeps its own tokens and dispatches them.  Tokens split by sequence
+runs its experts' rows and one all-reduce combines, at any sequence length.  Tokens split by sequence
 (``sequence_parallel=True``): each rank routes its own tokens and the rows travel to their
 experts' ranks and back by all-to-all (dispatch + combine, split sizes from the routing).
 """
@@ -174,17 +173,23 @@ WIDE = dict(MOE_FAMILIES["mixtral"], hidden_size=512, intermediate_size=1024, nu
             num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=256)
 
 
-def test_replicated_tokens_dispatch_when_it_moves_less():
-    """Plain tensor parallelism (tokens on every rank), Mixtral-shaped with d 512 at N=4: at the
-    planning shape the cost model finds keeping each rank's own tokens (no communication),
-    dispatching them by all-to-all and continuing sequence-split cheaper than all-reducing the
-    experts' output; the plan says so and is exact on gloo."""
+def test_plain_tensor_parallelism_runs_any_sequence_length():
+    """Plain tensor parallelism (no ``sequence_parallel``), Mixtral-shaped with d 512 at N=4,
+    where keeping each rank's own tokens and dispatching them by all-to-all would move fewer
+    bytes at the planning shape: the plan still splits no batch- or sequence-sized dim, so any
+    length runs (5 on 4 ranks here) and is exact.  The all-to-all is the sequence-parallel plan's
+    (``test_moe_matches_one_device`` with ``-a2a``)."""
     torch.manual_seed(0)
     plan = autotp.plan(HFModel(WIDE)(), (torch.randint(0, 256, (2, 8)),), world_size=4)
-    kinds = [c.kind for c in plan.collectives() if c.layer == 0]
-    assert "moe_dispatch" in kinds and "moe_combine" in kinds, kinds
-    for rank in verify([Case("wide", HFModel(WIDE), other_shapes=((3, 4),))], 4):
+    kinds = {c.kind for c in plan.collectives()}
+    assert not kinds & {"moe_dispatch", "moe_combine", "scatter_tokens"}, kinds
+    seq = [s for s, name in plan.captured.symbols.items() if str(name) == "seq"]
+    for n in plan.gm.graph.nodes:
+        p, v = n.meta.get("autotp", {}).get("placement"), n.meta.get("val")
+        if isinstance(v, torch.Tensor) and p is not None and hasattr(p, "dim") and isinstance(p.dim, int):
+            size = v.shape[p.dim % max(v.ndim, 1)] if v.ndim else 1
+            assert not (isinstance(size, torch.SymInt) and size.node.expr.free_symbols & set(seq)), (n.name, p)
+    for rank in verify([Case("wide", HFModel(WIDE), other_shapes=((3, 5),))], 4):
         r = rank[0]
         assert not r.error, r.error
         assert r.logits_err <= TOL and r.grad_err <= TOL and r.other_shape_err <= TOL, (r.logits_err, r.grad_err)
-        assert r.forward_counts.get("all_to_all_single", 0) >= 4
