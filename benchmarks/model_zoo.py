@@ -47,7 +47,7 @@ SMALL = dict(
 )
 
 
-MAX_PARAMS = 20_000_000
+MAX_PARAMS = 200_000_000
 _RANDOM = ("dropout", "pdrop", "layerdrop", "drop_path")
 
 
