@@ -528,7 +528,7 @@ def _lower(graph: fx.Graph, found: _Attention) -> str:
         f.meta["val"], f.meta["autotp_val"] = src.meta["val"], val(src)
         f.meta["autotp"]["reason"] = (f"{src.name} is R and feeds sharded {node.name}: its gradient is a "
                                       f"partial sum, all-reduced in backward")
-    out.replace_all_uses_with(node)
+    out.replace_all_uses_with(_traced_layout(graph, node, out, p))
     for n in found.replaced:
         if not n.users:
             graph.erase_node(n)
@@ -559,6 +559,25 @@ def _additive_mask(graph: fx.Graph, found: _Attention, p) -> fx.Node | None:
             mask = _new(graph, aten.add.Tensor, (mask, term), {}, _broadcast_placement(shape, scores.shape, p),
                         t.source)
     return mask
+
+
+def _traced_layout(graph: fx.Graph, node: fx.Node, out: fx.Node, p) -> fx.Node:
+    """``node`` (the op's output, contiguous (B, H, L, D)) in the layout export traced ``out``
+    with.  SDPA's fused kernels return (B, H, L, D) stored as (B, L, H, D); a model may rely on it
+    (AFMoE views ``out.transpose(1, 2)`` as (B, L, H*D), valid only in that layout), so the
+    same layout is made here with plain ops — one copy, and the usual transpose + reshape after
+    it becomes a view.  Anything else is left as it is."""
+    traced = out.meta.get("val")
+    if not isinstance(traced, torch.Tensor) or traced.ndim != 4 or traced.is_contiguous() \
+            or not traced.transpose(1, 2).is_contiguous():
+        return node
+    swapped = S({1: 2, 2: 1}.get(p.dim % 4, p.dim % 4), split_factor(p)) if is_shard(p) else p
+    with graph.inserting_after(node):
+        t = _new(graph, aten.transpose.int, (node, 1, 2), {}, swapped, out)
+    with graph.inserting_after(t):
+        c = _new(graph, aten.clone.default, (t,), {"memory_format": torch.contiguous_format}, swapped, out)
+    with graph.inserting_after(c):
+        return _new(graph, aten.transpose.int, (c, 1, 2), {}, p, out)
 
 
 def _new(graph: fx.Graph, target, args: tuple, kwargs: dict, placement, like: fx.Node) -> fx.Node:

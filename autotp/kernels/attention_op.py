@@ -7,11 +7,8 @@ It computes exactly ``F.scaled_dot_product_attention(q, k, v, attn_mask, is_caus
 scale=scale, enable_gqa=enable_gqa)`` with no dropout: q is (B, H_q, L_q, D), k/v are
 (B, H_kv, L_k, D) (any leading dims work, as for SDPA), and with ``enable_gqa`` query head
 ``h`` reads kv head ``h // (H_q // H_kv)`` without the repeats being materialised.  The
-output has one layout on every backend: a 4-D output (B, H_q, L_q, D_v) is stored as (B, L_q,
-H_q, D_v) — ``out.transpose(1, 2)`` is contiguous — the layout SDPA's fused kernels and
-flash-attn return and the one export traced the model with, so a model that views the
-transposed output (``out.transpose(1, 2).view(B, L, -1)``, valid in eager after SDPA) runs
-unchanged, and the usual transpose + reshape to (B, L, H*D) is free.  Other ranks: contiguous.
+output is always contiguous (B, H_q, L_q, D_v), whatever layout the backend returns, so the
+graph's later views see one layout on every backend.
 
 Which kernel runs is decided per call, in one place (``choose_backend``), in this order:
 
@@ -172,16 +169,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     backend, why = select_backend(q, k, v, attn_mask, is_causal, enable_gqa)
     _record(backend, why, q)
     out = _run(backend, q, k, v, attn_mask, is_causal, _scale(q, scale), enable_gqa)
-    if out.dim() == 4:
-        return out.transpose(1, 2).contiguous().transpose(1, 2)     # no copy when the backend's already is
     return out.contiguous()
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    if q.dim() == 4:                                                 # (B, H_q, L_q, D_v) stored as (B, L_q, H_q, D_v)
-        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1])).transpose(1, 2)
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))                 # (B, H_q, L_q, D_v), contiguous
 
 
 def _setup_context(ctx, inputs, output) -> None:
