@@ -563,13 +563,13 @@ def _additive_mask(graph: fx.Graph, found: _Attention, p) -> fx.Node | None:
 
 def _traced_layout(graph: fx.Graph, node: fx.Node, out: fx.Node, p) -> fx.Node:
     """``node`` (the op's output, contiguous (B, H, L, D)) in the layout export traced ``out``
-    with.  SDPA's fused kernels return (B, H, L, D) stored as (B, L, H, D); a model may rely on it
-    (AFMoE views ``out.transpose(1, 2)`` as (B, L, H*D), valid only in that layout), so the
-    same layout is made here with plain ops — one copy, and the usual transpose + reshape after
-    it becomes a view.  Anything else is left as it is."""
+    with, where a ``view`` relies on it.  SDPA's fused kernels return (B, H, L, D) stored as
+    (B, L, H, D) (AFMoE views ``out.transpose(1, 2)`` as (B, L, H*D), valid only in that
+    layout); the same layout is made here with plain ops, one copy.  Anything else (a
+    ``reshape``, which copies when it must) is left as it is."""
     traced = out.meta.get("val")
     if not isinstance(traced, torch.Tensor) or traced.ndim != 4 or traced.is_contiguous() \
-            or not traced.transpose(1, 2).is_contiguous():
+            or not traced.transpose(1, 2).is_contiguous() or not _viewed(out):
         return node
     swapped = S({1: 2, 2: 1}.get(p.dim % 4, p.dim % 4), split_factor(p)) if is_shard(p) else p
     with graph.inserting_after(node):
@@ -578,6 +578,22 @@ def _traced_layout(graph: fx.Graph, node: fx.Node, out: fx.Node, p) -> fx.Node:
         c = _new(graph, aten.clone.default, (t,), {"memory_format": torch.contiguous_format}, swapped, out)
     with graph.inserting_after(c):
         return _new(graph, aten.transpose.int, (c, 1, 2), {}, p, out)
+
+
+def _viewed(out: fx.Node) -> bool:
+    """Whether a ``view`` reads ``out`` (through transposes and same-shape reshapes): the one op
+    whose validity depends on the layout (a reshape to another shape copies when it must)."""
+    seen, todo = set(), [out]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.target == aten.view.default:
+                return True
+            same = u.target == aten.reshape.default and u.meta["val"].shape == n.meta["val"].shape   # a no-op
+            if (same or u.target in (aten.transpose.int, aten.permute.default, aten.alias.default)) and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
 
 
 def _new(graph: fx.Graph, target, args: tuple, kwargs: dict, placement, like: fx.Node) -> fx.Node:
