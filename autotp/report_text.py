@@ -128,9 +128,9 @@ def _experts_section(out, e: dict, c: dict) -> None:
     how = ("Each rank routes its own tokens and sends every routed row to the rank that owns its expert, "
            "and back (variable-size all-to-alls; split sizes exchanged by one small all-gather of expert "
            "counts, not counted here)." if b["dispatched"] else
-           "Here every rank runs its experts' rows for every token and one collective combines them: at this "
-           "shape the cost model found that cheaper than keeping each rank's own tokens and dispatching them "
-           "(latency, or top_k close to N).")
+           "Here every rank holds every token (no sequence split), so expert parallelism needs no dispatch: each "
+           "rank runs its experts' rows and one collective combines them. With sequence_parallel=True the "
+           "tokens are split and the solver may dispatch them by all-to-all instead.")
     out.para(f"{same} ({b['module']}, {b['experts']} experts, {b['routed_rows']} routed rows = tokens x top_k "
              f"{b['top_k']}, d {b['d_model']}). {how} The all-to-all moves tokens/N x top_k x d x (N-1)/N per rank "
              f"each way, gathering moves tokens x d x (N-1)/N each way: dispatch pays off when top_k < N.")

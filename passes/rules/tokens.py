@@ -45,7 +45,7 @@ from autotp.passes.rules import RuleContext, arg, Strategy, dedupe, sym_val, ten
 from autotp.passes.rules.moe import partition_key
 from autotp.passes.rules.pointwise import _EXTRA, _dim_map
 from autotp.passes.rules.reductions import _keepdim, _reduce_dims, along_dim, keeps_dim
-from autotp.passes.rules.views import RESHAPES, _localize_shape, dim_groups
+from autotp.passes.rules.views import RESHAPES, _localize_shape, dim_groups, split_dim
 
 aten = torch.ops.aten
 
@@ -230,7 +230,7 @@ def _same_tokens(a, b) -> bool:
 
 def _split(node: fx.Node, local) -> list[Strategy]:
     x = val(node.args[0])
-    dim = (arg(node, 1, "dim", 0) if node.target == aten.unbind.int else arg(node, 2, "dim", 0)) % x.ndim
+    dim = split_dim(node) % x.ndim
     outs = val(node)
     return [Strategy((p,), tuple(p for _ in outs)) for p in local if p.dim != dim]
 

@@ -193,14 +193,19 @@ def _localize_split(node: fx.Node, strategy: Strategy, lctx) -> None:
     node.args = (node.args[0], size, *node.args[2:])
 
 
+def split_dim(node: fx.Node) -> int:
+    """The dim a split / split_with_sizes / chunk / unbind node splits along."""
+    dim = arg(node, 1, "dim", 0) if node.target == aten.unbind.int else arg(node, 2, "dim", 0)
+    return 0 if dim is None else dim
+
+
 @register_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
 def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     x, outs = val(node.args[0]), val(node)
     unbind = node.target == aten.unbind.int
     # chunk(x, n, dim) keeps its count: local chunks shrink with the shard, no argument changes
     hook = None if node.target == aten.chunk.default else _localize_split
-    dim = arg(node, 1, "dim", 0) if unbind else arg(node, 2, "dim", 0)
-    dim = (dim if dim is not None else 0) % x.ndim
+    dim = split_dim(node) % x.ndim
     k = len(outs)
     strategies = [replicate_strategy(node)]
     for p in ctx.candidates(node.args[0]):
