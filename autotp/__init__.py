@@ -14,15 +14,16 @@ import torch
 import torch.distributed as dist
 
 from autotp.checkpoint import full_state_dict, init_empty_weights, load_checkpoint
-from autotp.placement import Partial, Replicate, Shard, fmt
+from autotp.placement import Grid, Partial, Replicate, Shard, fmt
 from autotp.plan import Plan, make_plan
-from autotp.runtime import DEFAULT_TIMEOUT, ParallelModule, tp_mesh
+from autotp.runtime import DEFAULT_TIMEOUT, ParallelModule, clip_grad_norm_, tp_mesh
 from autotp.generation import generate
 from autotp.passes.context import AutoTPError
 from autotp.passes.rules import Strategy, register_rule
 
 __all__ = ["parallelize", "plan", "generate", "Plan", "ParallelModule", "AutoTPError", "register_rule", "Strategy",
-           "Shard", "Replicate", "Partial", "fmt", "init_empty_weights", "load_checkpoint", "full_state_dict"]
+           "Shard", "Replicate", "Partial", "Grid", "fmt", "init_empty_weights", "load_checkpoint", "full_state_dict",
+           "clip_grad_norm_"]
 __version__ = "0.1.0"
 
 

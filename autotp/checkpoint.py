@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from autotp.passes.context import AutoTPError
-from autotp.placement import R, is_shard, split_factor
+from autotp.placement import Grid, R, is_shard, split_factor
 
 __all__ = ["init_empty_weights", "load_checkpoint", "full_state_dict", "LoadReport"]
 
@@ -86,6 +86,13 @@ def _weight_map(path: Path) -> dict[str, Path]:
 def _slices(shape, placement, rank: int, world: int) -> list[tuple]:
     """Index tuples (one per block) that select this rank's piece of a tensor of ``shape``."""
     full = [slice(None)] * len(shape)
+    if isinstance(placement, Grid):        # whole experts of this rank's group, then its slice of them
+        b = world // placement.groups
+        d = placement.outer.dim
+        n = shape[d] // placement.groups
+        lo = (rank // b) * n
+        inner = _slices(shape, placement.inner, rank % b, b)
+        return [tuple(slice(lo, lo + n) if k == d else s for k, s in enumerate(idx)) for idx in inner]
     if not is_shard(placement):
         return [tuple(full)]
     d, f = placement.dim, split_factor(placement)
@@ -105,6 +112,7 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
     from safetensors import safe_open
     path = Path(path)
     where = _weight_map(path)
+    from autotp.runtime import mesh_for
     mesh = pmodel.mesh
     rank, world = mesh.get_local_rank(), mesh.size()
     placements = pmodel.plan.placements
@@ -157,11 +165,14 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
                 placement = placements.get(name, R)
                 sl = f.get_slice(plan[name])
                 pieces = [sl[idx] for idx in _slices(list(param.shape), placement, rank, world)]
-                local = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=placement.dim)
+                if len(pieces) == 1:
+                    local = pieces[0]
+                else:                    # the blocks of a fused (strided) dim, this rank's slice of each
+                    local = torch.cat(pieces, dim=(placement.inner if isinstance(placement, Grid) else placement).dim)
                 read += local.numel() * local.element_size()
                 target_device = device or (param.device if param.device.type != "meta" else "cpu")
                 local = local.to(device=target_device, dtype=param.dtype).contiguous()
-                dt = DTensor.from_local(local, mesh, [placement], run_check=False, shape=param.shape,
+                dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,
                                         stride=param.stride())
                 new_params[name] = nn.Parameter(dt, requires_grad=param.requires_grad)
     for name, p in new_params.items():

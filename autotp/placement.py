@@ -16,7 +16,7 @@ import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "D", "DisjointPartial", "TokenLocal", "L", "X",
-           "ExpertRows", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk",
+           "ExpertRows", "Grid", "grid", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk",
            "normalize"]
 
 R = Replicate()
@@ -101,6 +101,59 @@ class ExpertRows(_Marker):
 X = ExpertRows()
 
 
+class Grid:
+    """``outer·inner@a×b``: a placement on the 2-D view ``(a, b)`` of the 1-D mesh (``a * b =
+    N``, rank ``r`` at ``(r // b, r % b)``), one placement per mesh dim, as DTensor places a
+    tensor on a 2-D mesh.  It is how the experts of a MoE layer split *both* ways — expert
+    parallelism over ``a`` groups and tensor parallelism inside each expert over the ``b``
+    ranks of a group (EP x TP):
+
+    - a stacked expert weight ``(E, K, N)``: ``outer = S(0)`` (E/a whole experts per group),
+      ``inner = S(1|2, f)`` (a column or row slice of each of them);
+    - the activation between the two expert matmuls: ``outer = D`` (the rows of the group's
+      experts, zero elsewhere), ``inner = S(1, f)`` (a column slice of them).
+
+    After the second (row-parallel) expert matmul the pieces are partial over ``b`` and
+    disjoint over ``a``: an ordinary ``Partial`` over all N ranks, so one all-reduce combines,
+    exactly as for either pure form.  ``grid(outer, inner, a)`` builds one and folds the
+    combinations that are 1-D placements.  Rules never see a ``Grid``: propagation runs an
+    op's rule once per mesh dim and pairs the strategies (``passes/rules/grid.py``)."""
+    __slots__ = ("outer", "inner", "groups")
+
+    def __init__(self, outer, inner, groups: int):
+        self.outer, self.inner, self.groups = outer, inner, groups
+
+    @property
+    def dim(self) -> int:              # the dim the outer placement splits (experts: 0)
+        return self.outer.dim if is_shard(self.outer) else 0
+
+    def _key(self):
+        return (self.outer, self.inner, self.groups)
+
+    def __eq__(self, other):
+        return isinstance(other, Grid) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(("Grid",) + self._key())
+
+    def __repr__(self):
+        return f"Grid({self.outer!r}, {self.inner!r}, {self.groups})"
+
+
+def grid(outer, inner, groups: int):
+    """The placement ``(outer, inner)`` on the ``(groups, N/groups)`` mesh, folded to a 1-D
+    placement where it is one (both replicated; partial inside a group of disjoint rows), or
+    None where it is neither a 1-D placement nor a ``Grid`` the runtime supports."""
+    if outer == R and inner == R:
+        return R
+    if outer in (D, P) and inner == P:
+        return P                       # summing over every rank gives the value
+    if (is_shard(outer) and outer.dim == 0 and split_factor(outer) == 1 or outer == D) and is_shard(inner) \
+            and inner.dim != 0:
+        return Grid(outer, inner, groups)
+    return None
+
+
 def S(dim: int, factor: int = 1) -> Placement:
     """Shard on ``dim``; ``factor > 1`` gives the strided layout of a fused dimension."""
     return Shard(dim) if factor == 1 else _StridedShard(dim, split_factor=factor)
@@ -116,7 +169,7 @@ def shard_dim(p: Placement) -> int | None:
 
 def splits(p) -> bool:
     """Whether a rank holds 1/N of the tensor along one dim (shards, token-local, expert rows)."""
-    return is_shard(p) or isinstance(p, (TokenLocal, ExpertRows))
+    return is_shard(p) or isinstance(p, (TokenLocal, ExpertRows, Grid))
 
 
 def split_factor(p: Placement) -> int:
@@ -146,6 +199,8 @@ def fmt(p: Placement | tuple | None) -> str:
         return f"L({p.dim})" + ("" if p.kind == "o" else p.kind)
     if isinstance(p, ExpertRows):
         return "X"
+    if isinstance(p, Grid):
+        return f"{fmt(p.outer)}·{fmt(p.inner)}@{p.groups}"
     f = split_factor(p)
     return f"S({p.dim})" + (f"x{f}" if f > 1 else "")
 
@@ -156,13 +211,20 @@ def can_shard(size: int, factor: int, world: int) -> bool:
 
 def local_shape(shape, p: Placement, world: int) -> list[int]:
     shape = list(shape)
-    if splits(p):
+    if isinstance(p, Grid):
+        if is_shard(p.outer):
+            shape[p.outer.dim] //= p.groups
+        shape[p.inner.dim] //= world // p.groups
+    elif splits(p):
         shape[p.dim] = shape[p.dim] // world
     return shape
 
 
 def local_chunk(t: torch.Tensor, p: Placement, rank: int, world: int) -> torch.Tensor:
-    """Rank ``rank``'s piece of the full tensor ``t`` under placement ``p`` (R/S only)."""
+    """Rank ``rank``'s piece of the full tensor ``t`` under placement ``p`` (R/S/Grid of S)."""
+    if isinstance(p, Grid):
+        b = world // p.groups
+        return local_chunk(local_chunk(t, p.outer, rank // b, p.groups), p.inner, rank % b, b)
     if not is_shard(p):
         return t
     d, f = p.dim, split_factor(p)

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from autotp.capture import Captured, capture
-from autotp.placement import D, R, P, X, Placement, fmt, is_shard, local_shape, split_factor
+from autotp.placement import D, R, P, X, Grid, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
 from autotp.passes.context import AutoTPError, layer_index, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
@@ -89,7 +89,12 @@ class Plan:
                 continue
             p = node.meta["autotp"]["placement"]
             role = "replicated"
-            if is_shard(p):
+            if isinstance(p, Grid):
+                user = _compute_user(node)
+                s = user.meta.get("autotp", {}).get("strategy") if user is not None else None
+                kind = "row" if s is not None and s.output == P else "column"
+                role = f"expert-parallel x {kind}-parallel ({p.groups}x{self.world // p.groups})"
+            elif is_shard(p):
                 role = f"sharded {fmt(p)}"
                 user = _compute_user(node)
                 s = user.meta.get("autotp", {}).get("strategy") if user is not None else None
@@ -187,14 +192,18 @@ class Plan:
 
     def fingerprint(self) -> str:
         """Hash of the plan's decisions; every rank must compute the same one."""
+        return hashlib.sha256(self.fingerprint_text().encode()).hexdigest()[:16]
+
+    def fingerprint_text(self) -> str:
+        """What ``fingerprint`` hashes: placements, then every node's op, shape and placement."""
         text = f"world={self.world}\n"
         text += "\n".join(f"{k}={fmt(v)}" for k, v in sorted(self.placements.items()))
         for n in self.gm.graph.nodes:
             v = val(n)
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
             dtype = v.dtype if isinstance(v, torch.Tensor) else None
-            text += f"\n{n.name}:{n.target}:{shape}:{dtype}:{fmt(n.meta.get('autotp', {}).get('placement'))}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+            text += f"\n{n.name}:{_target_name(n.target)}:{shape}:{dtype}:{fmt(n.meta.get('autotp', {}).get('placement'))}"
+        return text
 
     # ---- text ----
     def graph_text(self, rank: int = 0) -> str:
@@ -314,6 +323,14 @@ class Plan:
         """Every pass's graph as text and graphviz SVG, in pipeline order.  See autotp.viz."""
         from autotp.viz import dump
         return dump(self, out_dir, **kwargs)
+
+
+def _target_name(target) -> str:
+    """A node's target as the same text in every process (a Python function's repr has its
+    address: ``<function sym_float at 0x7f...>``)."""
+    if callable(target) and not isinstance(target, torch._ops.OpOverload) and hasattr(target, "__qualname__"):
+        return f"{getattr(target, '__module__', '')}.{target.__qualname__}"
+    return str(target)
 
 
 def _compute_user(node: fx.Node) -> fx.Node | None:

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from autotp import cost
-from autotp.placement import is_shard, local_shape
+from autotp.placement import Grid, is_shard, local_shape
 from autotp.capture import BATCH, SEQ
 from autotp.passes.context import layer_index, module_path
 from autotp.passes.rules import val
@@ -245,7 +245,9 @@ def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, li
         d = int(val(x).shape[1])
         wp = info["strategy"].inputs[1]
         kind = ("expert-parallel" if is_shard(wp) and wp.dim == 0 else
-                "TP inside experts" if is_shard(wp) else "replicated")
+                "TP inside experts" if is_shard(wp) else
+                f"EP x TP {wp.groups}x{plan.world // wp.groups}" if isinstance(wp, Grid) else
+                "replicated")
         a2a_expr = routed * d * element_bytes(val(x).dtype, dtype)
         a2a_bytes = evaluate(a2a_expr, batch, seq)
         top_k = _top_k(topks, node) or 1

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 
-from autotp.placement import P, R, fmt, local_chunk
+from autotp.placement import Grid, P, R, fmt, local_chunk
 from autotp.plan import Plan
 from autotp.passes.context import AutoTPError
 
@@ -68,6 +68,49 @@ def adopt(module: nn.Module, model: nn.Module) -> None:
         module.register_buffer(name, b)
 
 
+_GRID_MESHES: dict = {}
+
+
+def mesh_for(mesh: DeviceMesh, p) -> tuple[DeviceMesh, list]:
+    """The mesh and placement list of a DTensor placed ``p`` on the tensor-parallel ``mesh``: the
+    mesh itself for a 1-D placement; for a ``Grid`` (experts split over groups x tensor-parallel
+    inside each group) its 2-D view ``("ep", "etp")``, made once per mesh and group count."""
+    if not isinstance(p, Grid):
+        return mesh, [p]
+    key = (mesh, p.groups)
+    if key not in _GRID_MESHES:
+        shape = (p.groups, mesh.size() // p.groups)
+        try:
+            _GRID_MESHES[key] = mesh._unflatten(0, shape, ("ep", "etp"))
+        except (AttributeError, TypeError, ValueError, RuntimeError):    # a torch without _unflatten
+            _GRID_MESHES[key] = DeviceMesh(mesh.device_type, mesh.mesh.reshape(shape), mesh_dim_names=("ep", "etp"))
+    return _GRID_MESHES[key], [p.outer, p.inner]
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, foreach: bool | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a parallel model whose parameters live on more than
+    one mesh: experts split EP x TP are DTensors on the 2-D ``("ep", "etp")`` view, the rest on
+    the 1-D mesh, and torch's version cannot stack norms from different meshes.  The norm of
+    each mesh's gradients, then the norm of those norms (the same number for every p-norm and
+    for inf); returns the total norm, as torch's does.  A collective: call it on every rank."""
+    params = [p for p in ([parameters] if isinstance(parameters, torch.Tensor) else parameters) if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    by_mesh: dict = {}
+    for p in params:
+        by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    norms = []
+    for grads in by_mesh.values():
+        n = torch.nn.utils.get_total_norm(grads, norm_type, foreach=foreach)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.nn.utils.get_total_norm([n.reshape(1) for n in norms], norm_type)
+    coef = min(1.0, max_norm / (float(total) + 1e-6))       # torch's clip coefficient
+    with torch.no_grad():
+        for p in params:
+            p.grad.mul_(coef)
+    return total
+
+
 class ParallelModule(nn.Module):
     """A model parallelised by autotp.  Call it like the original model."""
 
@@ -95,7 +138,7 @@ class ParallelModule(nn.Module):
             if id(full) not in done:
                 p = placements.get(name, R)
                 local = local_chunk(full.detach(), p, rank, world).contiguous()
-                dt = DTensor.from_local(local, self.mesh, [p], run_check=False, shape=full.shape,
+                dt = DTensor.from_local(local, *mesh_for(self.mesh, p), run_check=False, shape=full.shape,
                                         stride=full.stride())
                 done[id(full)] = nn.Parameter(dt, requires_grad=full.requires_grad)
             module_name, _, attr = name.rpartition(".")
@@ -117,7 +160,8 @@ class ParallelModule(nn.Module):
             if node.op != "placeholder":
                 continue
             if node.name in plan.captured.params:
-                feeds.append(("param", *owner(plan.captured.params[node.name])))
+                grid = isinstance(node.meta.get("autotp", {}).get("placement"), Grid)
+                feeds.append(("param", *owner(plan.captured.params[node.name]), 2 if grid else 1))
             elif node.name in plan.captured.buffers:
                 feeds.append(("buffer", *owner(plan.captured.buffers[node.name])))
             elif node.name in plan.captured.constants:
@@ -178,17 +222,35 @@ class ParallelModule(nn.Module):
         with torch.no_grad():
             _Record(self.graph_module).run(*inputs)
         world, layers = self.mesh.size(), []
+        from autotp.passes.context import module_path
         for node, counts in found:
             if node.meta.get("autotp", {}).get("placement") == P:    # routed on each rank's own tokens
                 counts = counts.clone()
                 dist.all_reduce(counts, group=self.mesh.get_group())
             counts = counts.round().long()
-            per_rank = counts.view(world, -1).sum(1).tolist() if counts.numel() % world == 0 else None
-            from autotp.passes.context import module_path
+            groups = self._expert_groups(node)
+            per_group = counts.view(groups, -1).sum(1).tolist() if counts.numel() % groups == 0 else None
+            # every rank of a group runs the group's rows (1/(N/groups) of their width each)
+            per_rank = [per_group[r * groups // world] for r in range(world)] if per_group else None
             layers.append({"module": module_path(node), "tokens_per_expert": counts.tolist(),
-                           "tokens_per_rank": per_rank,
-                           "imbalance": (max(per_rank) / max(1e-9, sum(per_rank) / world)) if per_rank else None})
+                           "expert_groups": groups, "tokens_per_rank": per_rank,
+                           "imbalance": (max(per_group) / max(1e-9, sum(per_group) / groups)) if per_group else None})
         return layers
+
+    def _expert_groups(self, histc: fx.Node) -> int:
+        """Into how many owner groups the experts of ``histc``'s MoE layer are split: N under
+        expert parallelism, ``a`` on an EP x TP grid, 1 when every rank runs every expert (TP
+        inside the experts, or replicated)."""
+        from autotp.passes.context import layer_index, module_path
+        from autotp.passes.rules.moe import _is_grouped_mm
+        layer = layer_index(module_path(histc))
+        for n in self.plan.gm.graph.nodes:
+            if n.op == "call_function" and _is_grouped_mm(n.target) and layer_index(module_path(n)) == layer:
+                w = n.meta["autotp"]["strategy"].inputs[1]
+                if isinstance(w, Grid):
+                    return w.groups
+                return self.mesh.size() if getattr(w, "dim", None) == 0 else 1
+        return self.mesh.size()
 
     def _graph_inputs(self, args, kwargs) -> list:
         flat = self._flat_user_inputs(args, kwargs)
@@ -200,7 +262,7 @@ class ParallelModule(nn.Module):
             kind = feed[0]
             if kind == "param":
                 p = getattr(feed[1], feed[2])
-                if p.device_mesh.ndim > 1:          # FSDP2's sharded (dp, tp) parameter, not unsharded
+                if p.device_mesh.ndim > feed[3]:    # FSDP2's sharded (dp, tp) parameter, not unsharded
                     raise self._still_sharded(feed[1], feed[2], p)
                 inputs.append(p.to_local())
             elif kind == "buffer":
@@ -270,7 +332,7 @@ class ParallelModule(nn.Module):
         p = node.meta.get("autotp", {}).get("placement") if isinstance(node, fx.Node) else None
         if not isinstance(t, torch.Tensor) or p is None:
             return t
-        return DTensor.from_local(t, self.mesh, [p], run_check=False)   # even shards: shape inferred
+        return DTensor.from_local(t, *mesh_for(self.mesh, p), run_check=False)   # even shards: shape inferred
 
 
 def _monomial(expr) -> tuple | None:

@@ -12,6 +12,8 @@ sizes).  Plans:
 
   EP            the solver's choice with tokens replicated: E/N experts per rank, one combine
   TP-in-expert  expert weights pinned to the Megatron split (gate_up S(1)x2, down S(2))
+  EP x TP       (N >= 4) experts pinned to the 2-D grid: N/2 groups of whole experts, each split
+                column/row over the 2 ranks of its group; tokens replicated, one combine
   EP a2a        sequence_parallel=True: the solver's choice, rows dispatched and combined by all-to-all
   TP-in-expert  sequence_parallel=True with the experts pinned as above: tokens gathered, reduce-scattered
 
@@ -38,12 +40,20 @@ from models import MIXTRAL  # noqa: E402
 
 import autotp  # noqa: E402
 from autotp.report import report_data  # noqa: E402
+from autotp.placement import Grid  # noqa: E402
 from autotp.verify import HFModel  # noqa: E402
 
 CFG = dict(MIXTRAL, hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8,
            vocab_size=256, num_local_experts=8)
 TP_IN_EXPERT = {"*.experts.gate_up_proj": _StridedShard(1, split_factor=2), "*.experts.down_proj": Shard(2)}
-PLANS = [("EP", {}), ("TP-in-expert", {"overrides": TP_IN_EXPERT}),
+
+
+def grid_pin(world: int) -> dict:
+    return {"*.experts.gate_up_proj": Grid(Shard(0), _StridedShard(1, split_factor=2), world // 2),
+            "*.experts.down_proj": Grid(Shard(0), Shard(2), world // 2)}
+
+
+PLANS = [("EP", {}), ("TP-in-expert", {"overrides": TP_IN_EXPERT}), ("EP x TP", {"overrides": grid_pin}),
          ("EP a2a", {"sequence_parallel": True}),
          ("TP-in-expert", {"sequence_parallel": True, "overrides": TP_IN_EXPERT})]
 _KINDS = {"all_reduce": "AR", "all_gather_into_tensor": "AG", "reduce_scatter_tensor": "RS", "all_to_all_single": "A2A"}
@@ -85,6 +95,10 @@ def _worker(rank, world, store_path, out_dir, batch, seq):
     ids = torch.randint(0, CFG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
     rows = []
     for name, kwargs in PLANS:
+        if callable(kwargs.get("overrides")):
+            if world < 4:
+                continue
+            kwargs = dict(kwargs, overrides=kwargs["overrides"](world))
         torch.manual_seed(0)
         pm = autotp.parallelize(HFModel(CFG)(), (ids,), **kwargs)
         fwd, full = WireBytes(world, rank), WireBytes(world, rank)
@@ -117,7 +131,7 @@ def main():
     print(f"machine: {machine()}, {os.cpu_count()} cores, torch {torch.__version__}; gloo, N processes; "
           f"Mixtral 2 layers, 8 experts top-2, d 128, batch {args.batch} x seq {args.seq}, fp32; "
           f"wire MB per rank (rank 0)")
-    header = (f"{'N':>2} {'tokens':<6} {'plan':<13} {'experts':<7} {'fwd collectives':<22} {'fwd MB':>7} "
+    header = (f"{'N':>2} {'tokens':<6} {'plan':<13} {'experts':<13} {'fwd collectives':<22} {'fwd MB':>7} "
               f"{'fwd+bwd collectives':<24} {'fwd+bwd MB':>10} {'MoE fwd MB (plan)':>17}")
     print(header)
     print("-" * len(header))
@@ -127,7 +141,7 @@ def main():
                                nprocs=world, join=True, start_method="fork")
             rows = torch.load(os.path.join(tmp, "rows.pt"))
         for name, tokens, experts, fc, fw, bc, bw, moe in rows:
-            print(f"{world:>2} {tokens:<6} {name:<13} {experts:<7} {_counts(fc):<22} {fw / 1e6:>7.3f} "
+            print(f"{world:>2} {tokens:<6} {name:<13} {experts:<13} {_counts(fc):<22} {fw / 1e6:>7.3f} "
                   f"{_counts(bc):<24} {bw / 1e6:>10.3f} {moe / 1e6:>17.3f}")
 
 

@@ -14,8 +14,9 @@ import torch.fx as fx
 
 from autotp.passes.context import AutoTPError, PassContext, where
 from autotp.passes.rules import RuleContext, Strategy, dedupe, find_rule, replicate_strategy, tensor_inputs, val
+from autotp.passes.rules.grid import grid_strategies
 from autotp.passes.rules.tokens import seq_symbols, token_rows, token_strategies
-from autotp.placement import R, S, can_shard, is_shard
+from autotp.placement import Grid, R, S, can_shard, is_shard
 
 aten = torch.ops.aten
 
@@ -73,6 +74,7 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             else:
                 batch = _batch_info(node, ctx) if ctx.size_names else None
                 strategies = [s for s in rule(node, rctx) if batch is None or not _splits_batch(s, batch)]
+                strategies += grid_strategies(node, rule, rctx)   # EP x TP experts (rules/grid.py)
             if extra:                     # token-local strategies (tokens.py) beside the op's own
                 strategies = dedupe(strategies + extra)
         else:
@@ -179,7 +181,24 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors) -> list[St
         for f in factors:
             if can_shard(v.shape[d], f, ctx.world):
                 options.append(Strategy((), S(d, f)))
-    return options
+    return options + grid_options(v, ctx.world, factors)
+
+
+def grid_options(v: torch.Tensor, world: int, factors) -> list[Strategy]:
+    """A stacked expert weight (3-D: experts first) may also split both ways: whole experts over
+    ``a`` groups of ranks and a column or row slice of each over the ``N/a`` ranks of a group
+    (``Grid``), for every ``a`` that divides both N and the expert count, 1 < a < N."""
+    if v.ndim != 3 or world < 4:
+        return []
+    out = []
+    for groups in range(2, world):
+        if world % groups or not can_shard(v.shape[0], 1, groups):
+            continue
+        for d in (1, 2):
+            for f in factors:
+                if can_shard(v.shape[d], f, world // groups):
+                    out.append(Strategy((), Grid(S(0), S(d, f), groups)))
+    return out
 
 
 def state_input_strategies(node: fx.Node, ctx: PassContext) -> list[Strategy]:

@@ -12,7 +12,7 @@ import dataclasses
 
 from autotp import comm
 from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
-from autotp.placement import D, P, R, X, ExpertRows, Placement, TokenLocal, split_factor
+from autotp.placement import D, P, R, X, ExpertRows, Grid, Placement, TokenLocal, split_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Step:
 def steps(src: Placement, dst: Placement) -> list[Step] | None:
     if src == dst:
         return []
+    if isinstance(src, Grid) or isinstance(dst, Grid):
+        return None                   # EP x TP pieces leave the expert block only through its row matmul (-> P)
     if isinstance(src, TokenLocal) and dst == X:
         # rows sorted by expert on each rank's tokens -> the rows of this rank's experts
         return [Step(comm.moe_dispatch, (), ALL_TO_ALL, ALL_TO_ALL)] if src.kind == "s" else None

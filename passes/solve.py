@@ -59,9 +59,10 @@ from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.views import RESHAPES
-from autotp.placement import R, is_shard, split_factor, splits
+from autotp.placement import Grid, R, is_shard, split_factor, splits
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
+_GRID_EPS = 3        # per Grid placement: among equal plans the 1-D ones first (EP x TP where neither pure form divides)
 SMALL_WEIGHT = 0.1   # matrices under this fraction of the median matrix are not memory-critical
 
 
@@ -96,6 +97,13 @@ def _strided(s) -> int:
     """Strided (fused-layout) placements in a strategy: prefer plain shards among equals."""
     outs = s.output if isinstance(s.output, tuple) else (s.output,)
     return sum(1 for p in (*s.inputs, *outs) if p is not None and split_factor(p) > 1)
+
+
+def _grids(s) -> float:
+    """Placements on the 2-D (EP x TP) view of the mesh in a strategy, each weighted 1 + 1/groups:
+    among equal grids the one with more expert groups (whole experts, wider matmuls) wins."""
+    outs = s.output if isinstance(s.output, tuple) else (s.output,)
+    return sum(1 + 1 / p.groups for p in (*s.inputs, *outs) if isinstance(p, Grid))
 
 
 def _bytes(t) -> int:
@@ -280,8 +288,8 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ids = y[rep] if rep is not None else []
         count_act = sp and is_activation(n, weight_like, n in grad or not ctx.training)
         for k, s in enumerate(strategies):
-            mem = _bytes(v) / (world if is_shard(s.output) else 1) if is_weight else 0.0
-            eps = 0.0 if s.replicated else _EPS * (1 + _strided(s))
+            mem = _bytes(v) / (world if is_shard(s.output) or isinstance(s.output, Grid) else 1) if is_weight else 0.0
+            eps = 0.0 if s.replicated else _EPS * (1 + _strided(s) + _GRID_EPS * _grids(s))
             act = activation_bytes(n, s.output, ctx) if count_act else 0.0
             if rep is None:
                 ids.append(lp.var(mem=mem, t=eps, act=act))

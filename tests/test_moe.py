@@ -6,6 +6,8 @@ parallelism), with no per-model code.  Tokens replicated (plain tensor paralleli
 runs its experts' rows and one all-reduce combines, at any sequence length.  Tokens split by sequence
 (``sequence_parallel=True``): each rank routes its own tokens and the rows travel to their
 experts' ranks and back by all-to-all (dispatch + combine, split sizes from the routing).
+Where E does not divide by N: tensor parallelism inside the experts, or both on the 2-D view
+of the mesh (EP x TP, ``Grid``), whichever the sizes allow.
 """
 import collections
 import dataclasses
@@ -193,3 +195,122 @@ def test_plain_tensor_parallelism_runs_any_sequence_length():
         r = rank[0]
         assert not r.error, r.error
         assert r.logits_err <= TOL and r.grad_err <= TOL and r.other_shape_err <= TOL, (r.logits_err, r.grad_err)
+
+
+# 6 experts, expert ffn 24, fp32: at N=4 whole experts do not divide (6 % 4) and a quarter of
+# each expert (6 columns, 24 bytes) breaks the grouped matmul's 16-byte stride rule, so neither
+# pure form shards the experts; 3 experts per pair of ranks, each split in two, does.
+GRID = {"mixtral": dict(MOE_FAMILIES["mixtral"], num_local_experts=6, intermediate_size=24,
+                        output_router_logits=True, router_aux_loss_coef=0.02),
+        "qwen2_moe": dict(MOE_FAMILIES["qwen2_moe"], num_experts=6, moe_intermediate_size=24)}
+
+
+def test_expert_and_tensor_parallel_grid_is_exact():
+    """EP x TP on the 2-D view (2 groups x 2 ranks) of 4 ranks: the plan picks it because it
+    is the only split that holds 1/N of the expert weights; logits, every gradient (the expert
+    weights are DTensors on the ('ep', 'etp') mesh) and the aux loss match one device; the
+    MoE layer still combines with one all-reduce, as the dense layers do."""
+    cases = [Case(name, HFModel(cfg), other_shapes=((3, 5),)) for name, cfg in GRID.items()]
+    for rank in verify(cases, 4):
+        for r in rank:
+            assert not r.error, f"{r.name}:\n{r.error}"
+            assert r.logits_err <= TOL and r.grad_err <= TOL and r.other_shape_err <= TOL, (r.name, r.grad_err)
+            assert r.aux_err is None or r.aux_err <= TOL
+            experts = {n: p for n, p in r.placements.items() if ".experts." in n}
+            assert experts and all(p.startswith("S(0)·") and p.endswith("@2") for p in experts.values()), experts
+            assert r.forward_counts["all_reduce"] == 2 * 2 + (r.aux_err is not None) * 0, r.forward_counts
+
+
+@pytest.mark.parametrize("world,experts,ffn,expect", [
+    (4, 8, 96, "S(0)"),             # E divides N: whole experts (expert parallelism)
+    (4, 6, 96, "S(2)"),             # E does not, a quarter of the ffn is aligned: TP inside experts
+    (4, 6, 24, "S(0)·S(2)@2"),      # neither: the 2x2 grid
+    (8, 12, 48, "S(0)·S(2)@4"),     # 12 % 8: 4 groups of 2 (ffn/8 = 6 columns is unaligned)
+])
+def test_solver_chooses_between_expert_tensor_and_grid(world, experts, ffn, expect):
+    """Planning only (no process group): which split of the experts the cost model picks."""
+    torch.manual_seed(0)
+    cfg = dict(MOE_FAMILIES["mixtral"], num_local_experts=experts, intermediate_size=ffn, num_attention_heads=8,
+               num_key_value_heads=8)
+    plan = autotp.plan(HFModel(cfg)(), (torch.randint(0, 128, (2, 8)),), world_size=world)
+    assert autotp.fmt(plan.placements["model.layers.0.mlp.experts.down_proj"]) == expect
+    experts = collections.Counter(c.forward for c in plan.collectives() if c.module.endswith(".experts") and c.forward)
+    assert experts == collections.Counter(all_reduce=2), experts      # one combine per MoE layer, every form
+    if "@" in expect:
+        assert plan.roles()["model.layers.0.mlp.experts.down_proj"].startswith("expert-parallel x row-parallel")
+
+
+def test_plan_fingerprint_is_the_same_in_every_process():
+    """Mixtral with the router's aux loss captures a Python function (``sym_float``) as a node target; its
+    repr carries the process's address, and parallelize's same-plan check failed on every
+    multi-rank run.  The fingerprint names functions by module and qualified name."""
+    torch.manual_seed(0)
+    plan = autotp.plan(HFModel(AUX)().eval(), (torch.randint(0, 128, (2, 8)),), world_size=2)
+    text = plan.fingerprint_text()
+    assert "sym_float" in text and " at 0x" not in text
+
+
+def _grid_worker(rank, world, tmp):
+    import datetime
+    import os
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    out = {}
+    torch.manual_seed(0)
+    ref = HFModel(GRID["mixtral"])()
+    ids = torch.randint(0, 128, (2, 6))
+    # start from other weights, then read this rank's slices of the expert grid from safetensors
+    torch.manual_seed(123)
+    pmodel = autotp.parallelize(HFModel(GRID["mixtral"])(), (ids,))
+    autotp.load_checkpoint(pmodel, os.path.join(tmp, "ckpt"))
+    out["experts"] = {n: (autotp.fmt(p.placements[0]), tuple(p.device_mesh.mesh_dim_names))
+                      for n, p in pmodel.named_parameters() if ".experts." in n}
+    out["load"] = pmodel.expert_load(ids)
+    full = autotp.full_state_dict(pmodel)
+    out["state_err"] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    # training step pieces: backward, then clipping across the 1-D and the 2-D mesh
+    pmodel(ids).logits.pow(2).mean().backward()
+    ref(ids).logits.pow(2).mean().backward()
+    want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
+    got = autotp.clip_grad_norm_(pmodel.parameters(), 1e-3)
+    out["norm"] = (float(got), float(want))
+    grads = {n: p.grad.full_tensor() for n, p in pmodel.named_parameters()}
+    out["grad_err"] = max(((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item()
+                          for n, p in ref.named_parameters())
+    # greedy generation plans a decode step pinned to the same grid
+    ref.eval(), pmodel.eval()
+    out["generate"] = (pmodel.generate(ids, max_new_tokens=4).tolist(),
+                       ref.generate(ids, max_new_tokens=4, do_sample=False).tolist())
+    torch.save(out, os.path.join(tmp, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_grid_loads_saves_clips_and_generates():
+    """The EP x TP expert weights are DTensors on the ('ep', 'etp') mesh: a safetensors load
+    reads each rank's slice of its group's experts, the full state dict gives the model back,
+    ``autotp.clip_grad_norm_`` clips over both meshes as torch's does on one device (torch's
+    own refuses norms from two meshes), and greedy generation gives the same tokens."""
+    import os
+    import tempfile
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        from safetensors.torch import save_model
+        torch.manual_seed(0)
+        os.makedirs(os.path.join(tmp, "ckpt"))
+        # the model's own names (save_pretrained writes Mixtral's per-expert w1/w2/w3 layout)
+        save_model(HFModel(GRID["mixtral"])(), os.path.join(tmp, "ckpt", "model.safetensors"))
+        mp.start_processes(_grid_worker, args=(4, tmp), nprocs=4, start_method="fork")
+        for r in range(4):
+            res = torch.load(os.path.join(tmp, f"{r}.pt"))
+            assert res["experts"] and all(p == "S(0)" and mesh == ("ep", "etp")
+                                          for p, mesh in res["experts"].values()), res["experts"]
+            assert res["state_err"] == 0.0
+            for layer in res["load"]:               # 2 groups of 3 experts, each group's rows on its 2 ranks
+                t, g = layer["tokens_per_expert"], layer["tokens_per_rank"]
+                assert layer["expert_groups"] == 2 and sum(t) == 2 * 6 * 2
+                assert g == [sum(t[:3]), sum(t[:3]), sum(t[3:]), sum(t[3:])], layer
+            assert res["norm"][0] == pytest.approx(res["norm"][1], rel=1e-5)
+            assert res["grad_err"] <= TOL
+            assert res["generate"][0] == res["generate"][1]

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
 from autotp import comm
-from autotp.placement import D, P, R, S, X, TokenLocal, is_shard, split_factor
+from autotp.placement import D, P, R, S, X, Grid, TokenLocal, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -71,6 +71,12 @@ def _is_grouped_mm(target) -> bool:
     return name.startswith("transformers::grouped_mm_fallback") or name.startswith("aten::_grouped_mm")
 
 
+def aligned(local_size: int, w: torch.Tensor) -> bool:
+    """torch's grouped matmul needs every stride a multiple of 16 bytes ("strides should be
+    multiple of 16 bytes"): a split whose local width breaks that would fail at run time."""
+    return local_size * w.element_size() % 16 == 0
+
+
 @register_rule("transformers::grouped_mm_fallback", aten._grouped_mm.default)
 def grouped_mm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     x, w = node.args[0], node.args[1]
@@ -84,14 +90,16 @@ def grouped_mm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     k, n = wv.shape[1], wv.shape[2]
     factors_n = {1} | {split_factor(p) for p in ctx.candidates(w) if is_shard(p) and p.dim % 3 == 2}
     for f in sorted(factors_n):
-        if ctx.shardable(n, f):
+        if ctx.shardable(n, f) and aligned(n // ctx.world, wv):
             strategies.append(Strategy((R, S(2, f)) + rest, S(1, f)))       # column-parallel experts
     factors_k = {1} | {split_factor(p) for p in ctx.candidates(x) if is_shard(p) and p.dim % 2 == 1}
     for f in sorted(factors_k):
-        if ctx.shardable(k, f):
+        if ctx.shardable(k, f) and aligned(k // ctx.world, wv):
             strategies.append(Strategy((S(1, f), S(1, f)) + rest, P))      # row-parallel experts
     if xv.is_floating_point():
         strategies.append(Strategy((P, R) + rest, P))
+    if n_tensor_args == 1:
+        strategies += _grid_strategies(x, w, ctx)
     if n_tensor_args == 1 and ctx.shardable(wv.shape[0]):
         # expert parallelism: E/N whole experts per rank; the tokens are already on every rank
         # (replicated activations), each rank runs its experts' rows, the rest stay zero (D)
@@ -103,6 +111,38 @@ def grouped_mm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
             # partial (this rank's) cumsum of expert counts the dispatch reads its split sizes from
             strategies.append(Strategy((X, S(0), P), X, localize=_localize_dispatched))
     return dedupe(strategies)
+
+
+def _grid_strategies(x: fx.Node, w: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """Expert parallelism over ``a`` groups x tensor parallelism inside each expert over the
+    ``N/a`` ranks of a group (``Grid``): group ``i`` runs the rows of its E/a experts, each rank
+    of the group one column slice (gate/up) or row slice (down) of them.  The column matmul
+    leaves ``Grid(D, S(1))``: the group's rows, this rank's columns; the row matmul sums over the
+    group's ranks and the groups' rows are disjoint, so its output is ``Partial`` over all N
+    ranks — one all-reduce, the same as either pure form."""
+    out = []
+    wv = val(w)
+    for p in ctx.candidates(w):
+        if not isinstance(p, Grid) or not is_shard(p.inner) \
+                or not aligned(wv.shape[p.inner.dim] // (ctx.world // p.groups), wv):
+            continue
+        f = split_factor(p.inner)
+        if p.inner.dim == 2:
+            out.append(Strategy((R, p, R), Grid(D, S(1, f), p.groups), localize=_localize_grid))
+        elif p.inner.dim == 1:
+            act = Grid(D, S(1, f), p.groups)
+            if act in ctx.candidates(x):
+                out.append(Strategy((act, p, R), P, localize=_localize_grid))
+    return out
+
+
+def _localize_grid(node: fx.Node, strategy: Strategy, lctx) -> None:
+    x, w, offs = node.args[:3]
+    groups = strategy.inputs[1].groups
+    op = node.target
+    node.target = expert_parallel_grouped_mm
+    node.args = (x, w, offs, lctx.rank // (lctx.world // groups), groups, op)
+    node.kwargs = {}
 
 
 def _localize_dispatched(node: fx.Node, strategy: Strategy, lctx) -> None:
