@@ -207,22 +207,24 @@ class ParallelModule(nn.Module):
 
     def expert_load(self, *args, **kwargs) -> list[dict]:
         """Load balance of one batch: for every MoE layer, tokens routed to each expert and to
-        each rank (experts split E/N per rank under expert parallelism).  Runs one forward
-        without gradients; a collective like the forward, so call it on every rank."""
+        each rank — the rows of the experts its group owns (``expert_groups``: N under expert
+        parallelism, ``a`` on an EP x TP grid, 1 when every rank runs every expert).  Runs one
+        forward without gradients; a collective like the forward, so call it on every rank."""
+        from autotp.passes.context import layer_index, module_path
         inputs = self._graph_inputs(args, kwargs)
         found: list[tuple[fx.Node, torch.Tensor]] = []
 
         class _Record(fx.Interpreter):
             def run_node(self, node):
                 out = super().run_node(node)
-                if node.op == "call_function" and node.target == torch.ops.aten.histc.default:
+                if node.op == "call_function" and node.target == torch.ops.aten.histc.default \
+                        and layer_index(module_path(node)) is not None:     # not an aux loss's histogram
                     found.append((node, out.detach()))
                 return out
 
         with torch.no_grad():
             _Record(self.graph_module).run(*inputs)
         world, layers = self.mesh.size(), []
-        from autotp.passes.context import module_path
         for node, counts in found:
             if node.meta.get("autotp", {}).get("placement") == P:    # routed on each rank's own tokens
                 counts = counts.clone()
@@ -250,7 +252,7 @@ class ParallelModule(nn.Module):
                 if isinstance(w, Grid):
                     return w.groups
                 return self.mesh.size() if getattr(w, "dim", None) == 0 else 1
-        return self.mesh.size()
+        return 1
 
     def _graph_inputs(self, args, kwargs) -> list:
         flat = self._flat_user_inputs(args, kwargs)
