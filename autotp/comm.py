@@ -32,7 +32,9 @@ tokens``
 
 ``moe_dispatch`` / ``moe_combine`` move rows of variable count: the split sizes come from the
 routing (``offs``, each expert's end row on this rank's tokens) and are exchanged once per
-dispatch with a small all-gather of the per-expert counts; the combine reuses them.
+dispatch with a small all-gather of the per-expert counts; the combine reuses them.  With
+``groups`` (an EP x TP grid) a row goes to every rank of its group of experts, and the combine
+adds the partial sums that come back.
 
 The collectives are torch's functional collectives (``_c10d_functional``), so
 ``CommDebugMode`` counts them and ``torch.compile`` can trace them.
@@ -264,26 +266,37 @@ class _Route:
     order: torch.Tensor       # received rows (by source rank) -> grouped by local expert
     inverse: torch.Tensor     # and back
     local_offs: torch.Tensor  # end row of each local expert in the grouped rows
+    copies: torch.Tensor | None   # rows to send, when a group's rows go to each of its N/groups ranks
+    rows: int                 # this rank's routed rows
 
 
-def _route(offs: torch.Tensor, group, world: int, rank: int) -> _Route:
+def _route(offs: torch.Tensor, group, world: int, rank: int, groups: int) -> _Route:
     """The split sizes of one routing: ``offs`` (E,) holds each expert's end row among this
-    rank's rows sorted by expert (a cumsum of counts).  One all-gather of the per-expert counts
-    tells every rank what it receives; the result is kept for the combine and the grouped
-    matmuls in between (kept on the ``offs`` tensor itself, which lives for one forward)."""
+    rank's rows sorted by expert (a cumsum of counts).  The experts are split over ``groups``
+    groups of ``world / groups`` consecutive ranks (expert parallelism: groups = world; an EP x TP
+    grid: fewer, and every rank of a group needs all of its rows).  One all-gather of the
+    per-expert counts tells every rank what it receives; the result is kept for the combine and
+    the grouped matmuls in between (on the ``offs`` tensor itself, which lives for one forward)."""
     hit = getattr(offs, "_autotp_route", None)
-    if hit is not None and hit[0] == offs._version:          # not written to since
+    if hit is not None and hit[0] == (offs._version, groups):       # not written to since
         return hit[1]
-    n_exp = offs.shape[0]
-    per = n_exp // world
+    n_exp, b = offs.shape[0], world // groups
+    per = n_exp // groups
+    mine_group = rank // b
     ends = offs.detach().to(torch.long)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))                       # (E,) rows per expert
     if world > 1:
         every = _wait(_c10d.all_gather_into_tensor(counts.contiguous(), world, _group_name(group)))
     else:
         every = counts
-    mine = every.view(world, n_exp)[:, rank * per:(rank + 1) * per]            # (source rank, local expert)
-    send = counts.view(world, per).sum(1).tolist()
+    mine = every.view(world, n_exp)[:, mine_group * per:(mine_group + 1) * per]   # (source rank, local expert)
+    per_group = counts.view(groups, per).sum(1)                                # (groups,) my rows for each
+    send = per_group.repeat_interleave(b).tolist()                             # to every rank of the group
+    copies = None
+    if b > 1:                          # group g's block of rows, once for each of its b ranks
+        start = torch.cumsum(per_group, 0) - per_group
+        copies = torch.cat([torch.arange(int(s), int(s) + int(n), device=offs.device)
+                            for s, n in zip(start.repeat_interleave(b), per_group.repeat_interleave(b))])
     recv = mine.sum(1).tolist()
     # received rows are source-major (each source's rows sorted by expert); group them by expert
     start = torch.cumsum(mine.flatten(), 0) - mine.flatten()                   # block (src, e) start
@@ -291,8 +304,9 @@ def _route(offs: torch.Tensor, group, world: int, rank: int) -> _Route:
     total = int(blocks.sum())
     order = torch.repeat_interleave(starts - (torch.cumsum(blocks, 0) - blocks), blocks) + \
         torch.arange(total, device=offs.device)
-    route = _Route(send, recv, order, torch.argsort(order), torch.cumsum(mine.sum(0), 0).to(offs.dtype))
-    offs._autotp_route = (offs._version, route)
+    route = _Route(send, recv, order, torch.argsort(order), torch.cumsum(mine.sum(0), 0).to(offs.dtype), copies,
+                   int(counts.sum()))
+    offs._autotp_route = ((offs._version, groups), route)
     return route
 
 
@@ -309,21 +323,33 @@ class _VariableAllToAll(torch.autograd.Function):
         return _wait(_c10d.all_to_all_single(g.contiguous(), send, recv, _group_name(group))), None, None, None
 
 
-def moe_dispatch(x: torch.Tensor, offs: torch.Tensor, group: str, world: int, rank: int) -> torch.Tensor:
+def moe_dispatch(x: torch.Tensor, offs: torch.Tensor, group: str, world: int, rank: int,
+                 groups: int | None = None) -> torch.Tensor:
     """L -> X: this rank's rows, sorted by expert (``offs`` ends each expert's block), go to the
     ranks that own their experts (rank r owns experts [r E/N, (r+1) E/N)); the rows received
-    come back grouped by local expert.  All-to-all forward, the reverse all-to-all backward."""
-    route = _route(offs, group, world, rank)
+    come back grouped by local expert.  All-to-all forward, the reverse all-to-all backward.
+    On an EP x TP grid (``groups`` < N) group g's rows go to each of its N/groups ranks (a copy
+    each: their backward sums), so every rank of the group holds all of its rows."""
+    groups = groups or world
+    route = _route(offs, group, world, rank, groups)
+    if route.copies is not None:
+        x = x[route.copies]
     y = _VariableAllToAll.apply(x, route.send, route.recv, group) if world > 1 else x
     return y[route.order]
 
 
-def moe_combine(y: torch.Tensor, offs: torch.Tensor, group: str, world: int, rank: int) -> torch.Tensor:
+def moe_combine(y: torch.Tensor, offs: torch.Tensor, group: str, world: int, rank: int,
+                groups: int | None = None) -> torch.Tensor:
     """X -> L: the expert outputs go back to the ranks whose tokens they belong to, in the
-    order ``moe_dispatch`` took them (the same routing ``offs``)."""
-    route = _route(offs, group, world, rank)
+    order ``moe_dispatch`` took them (the same routing ``offs``).  On a grid each rank of a group
+    returns its partial sum of the group's rows, and the copies add up."""
+    groups = groups or world
+    route = _route(offs, group, world, rank, groups)
     y = y[route.inverse]
-    return _VariableAllToAll.apply(y, route.recv, route.send, group) if world > 1 else y
+    y = _VariableAllToAll.apply(y, route.recv, route.send, group) if world > 1 else y
+    if route.copies is not None:
+        y = y.new_zeros((route.rows,) + tuple(y.shape[1:])).index_add(0, route.copies, y)
+    return y
 
 
 def expert_grouped_mm(x: torch.Tensor, w_local: torch.Tensor, offs: torch.Tensor, op) -> torch.Tensor:

@@ -143,13 +143,18 @@ class Grid:
 def grid(outer, inner, groups: int):
     """The placement ``(outer, inner)`` on the ``(groups, N/groups)`` mesh, folded to a 1-D
     placement where it is one (both replicated; partial inside a group of disjoint rows), or
-    None where it is neither a 1-D placement nor a ``Grid`` the runtime supports."""
+    None where it is neither a 1-D placement nor a ``Grid`` the runtime supports: stacked expert
+    weights ``(S(0), S(d))``, and the rows of a group's experts — all its routed rows (``D``),
+    or the ones dispatched to it (``X``) — whole, column-split or partial inside the group."""
     if outer == R and inner == R:
         return R
     if outer in (D, P) and inner == P:
         return P                       # summing over every rank gives the value
-    if (is_shard(outer) and outer.dim == 0 and split_factor(outer) == 1 or outer == D) and is_shard(inner) \
-            and inner.dim != 0:
+    if is_shard(outer) and outer.dim == 0 and split_factor(outer) == 1 and is_shard(inner) and inner.dim != 0:
+        return Grid(outer, inner, groups)
+    if outer == D and is_shard(inner) and inner.dim != 0:
+        return Grid(outer, inner, groups)
+    if outer == X and (inner in (R, P) or is_shard(inner) and inner.dim != 0):
         return Grid(outer, inner, groups)
     return None
 
@@ -212,9 +217,10 @@ def can_shard(size: int, factor: int, world: int) -> bool:
 def local_shape(shape, p: Placement, world: int) -> list[int]:
     shape = list(shape)
     if isinstance(p, Grid):
-        if is_shard(p.outer):
+        if is_shard(p.outer) or isinstance(p.outer, ExpertRows):   # experts, or the rows sent to them
             shape[p.outer.dim] //= p.groups
-        shape[p.inner.dim] //= world // p.groups
+        if is_shard(p.inner):
+            shape[p.inner.dim] //= world // p.groups
     elif splits(p):
         shape[p.dim] = shape[p.dim] // world
     return shape

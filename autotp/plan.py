@@ -34,6 +34,7 @@ class Collective:
     module: str
     source: str
     reason: str
+    volume: int = 1                # bytes moved / the tensor's: N/groups copies for a grid dispatch
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +138,7 @@ class Plan:
             v = val(node)
             out.append(Collective(node.name, info["collective"], info["forward"], info["backward"],
                                   tuple(v.shape), self._sym_shape(node), v.dtype, module_path(node),
-                                  user_line(node), info["reason"]))
+                                  user_line(node), info["reason"], info.get("volume", 1)))
         return out
 
     def _sym_shape(self, node: fx.Node) -> tuple:

@@ -117,8 +117,9 @@ def collective_rows(plan, batch: int, seq: int, dtype: torch.dtype, link) -> lis
                    shape="(" + ", ".join(str(s) for s in c.sym_shape) + ")", bytes_expr=str(expr), bytes=nbytes)
         for phase in ("forward", "backward"):
             kind = row[phase]
-            row[phase + "_factor"] = cost.factor(kind, n) if kind else None
-            row[phase + "_time_s"] = cost.collective_time(kind, nbytes, n, lk) if kind else 0.0
+            # a grid dispatch sends each row to every rank of its group: volume copies
+            row[phase + "_factor"] = cost.factor(kind, n) * c.volume if kind else None
+            row[phase + "_time_s"] = cost.collective_time(kind, nbytes * c.volume, n, lk) if kind else 0.0
         rows.append(row)
     return rows
 
@@ -255,16 +256,18 @@ def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, li
         tokens_bytes = evaluate(tokens_expr, batch, seq)
         mine = [r for r in rows if r["layer"] == layer and r["forward"] and _under(r["module"], module_path(node))]
         dispatched = any(r["comm"] == "moe_dispatch" for r in mine)
+        groups = wp.groups if isinstance(wp, Grid) else n      # owner groups; each row goes to n/groups ranks
+        copies = n // groups
         blocks[layer] = dict(
             layer=layer, module=module_path(node).rsplit(".", 1)[0], experts=int(val(w).shape[0]),
             experts_placement=kind, routed_rows=str(routed), d_model=d,
             chosen=dict(collectives=[(r["forward"], r["bytes_expr"]) for r in mine],
                         wire_bytes=sum(r["forward_factor"] * r["bytes"] for r in mine),
                         time_s=sum(r["forward_time_s"] for r in mine)),
-            dispatched=dispatched, top_k=top_k,
+            dispatched=dispatched, top_k=top_k, groups=groups,
             all_to_all=dict(bytes_expr=str(a2a_expr), bytes=a2a_bytes,
-                            wire_bytes=2 * cost.factor(cost.ALL_TO_ALL, n) * a2a_bytes,
-                            time_s=2 * cost.collective_time(cost.ALL_TO_ALL, a2a_bytes, n, lk)),
+                            wire_bytes=2 * cost.factor(cost.ALL_TO_ALL, n) * a2a_bytes * copies,
+                            time_s=2 * cost.collective_time(cost.ALL_TO_ALL, a2a_bytes * copies, n, lk)),
             # the tokens gathered (or replicated) and the experts' partial sums combined: an
             # all-gather + reduce-scatter (sequence parallel) or one all-reduce, the same wire bytes
             gathered=dict(bytes_expr=str(tokens_expr), bytes=tokens_bytes,

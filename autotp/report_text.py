@@ -116,8 +116,12 @@ def _experts_section(out, e: dict, c: dict) -> None:
     chosen = ", ".join(k for k, _ in b["chosen"]["collectives"]) or "none"
     a2a, gathered = b["all_to_all"], b["gathered"]
     mark = ("  <- this plan", "") if b["dispatched"] else ("", "  <- this plan")
+    n, groups = c["world"], b.get("groups", c["world"])
+    split = ("experts split, tokens split N ways: dispatch + combine" if groups == n else
+             f"experts in {groups} groups (EP x TP), tokens split N ways: dispatch (a copy per rank of the "
+             f"group) + combine")
     out.table(cols, [
-        ["experts split, tokens split N ways: dispatch + combine" + mark[0], "2 all_to_all", a2a["bytes_expr"],
+        [split + mark[0], "2 all_to_all", a2a["bytes_expr"],
          _bytes(a2a["wire_bytes"]), _time(a2a["time_s"])],
         ["tokens gathered (or replicated), partial sums combined" + mark[1],
          "all_gather + reduce_scatter, or all_reduce", gathered["bytes_expr"], _bytes(gathered["wire_bytes"]),
@@ -131,9 +135,14 @@ def _experts_section(out, e: dict, c: dict) -> None:
            "Here every rank holds every token (no sequence split), so expert parallelism needs no dispatch: each "
            "rank runs its experts' rows and one collective combines them. With sequence_parallel=True the "
            "tokens are split and the solver may dispatch them by all-to-all instead.")
+    moves = ("The all-to-all moves tokens/N x top_k x d x (N-1)/N per rank each way, gathering moves tokens x d x "
+             "(N-1)/N each way: dispatch pays off when top_k < N." if groups == n else
+             f"On the EP x TP grid each row goes to every rank of its group of experts ({n // groups} copies), and "
+             f"the ranks' partial sums come back and add up: the all-to-all moves tokens/N x top_k x d x (N-1)/"
+             f"groups per rank each way, gathering moves tokens x d x (N-1)/N each way: dispatch pays off when "
+             f"top_k < groups ({groups}).")
     out.para(f"{same} ({b['module']}, {b['experts']} experts, {b['routed_rows']} routed rows = tokens x top_k "
-             f"{b['top_k']}, d {b['d_model']}). {how} The all-to-all moves tokens/N x top_k x d x (N-1)/N per rank "
-             f"each way, gathering moves tokens x d x (N-1)/N each way: dispatch pays off when top_k < N.")
+             f"{b['top_k']}, d {b['d_model']}). {how} {moves}")
 
 
 def _scaling_section(out, s: dict, model: dict, formulas: dict) -> None:

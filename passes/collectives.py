@@ -71,7 +71,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 else:
                     offs, at = _routing_of(cur), graph.inserting_after(cur)
                 with at:
-                    new = graph.call_function(step.fn, (cur, offs, ctx.group, *extra))
+                    new = graph.call_function(step.fn, (cur, offs, ctx.group, *extra, *step.args))
             elif step.fn in comm.TOKEN_COLLECTIVES:
                 dim, (exprs, k) = step.args
                 sizes = [_size_node(graph, e, size_nodes) for e in exprs]
@@ -85,6 +85,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             new_p = dst if step is route[-1] else R
             new.meta["autotp"] = {"placement": new_p, "collective": step.fn.__name__,
                                   "forward": step.forward, "backward": step.backward,
+                                  "volume": step.volume(ctx.world),
                                   "reason": f"{t.name} is {fmt(cur_p)}, {consumer.name} needs {fmt(new_p)}"}
             cur, cur_p = new, new_p
         made[key] = cur

@@ -74,7 +74,9 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             else:
                 batch = _batch_info(node, ctx) if ctx.size_names else None
                 strategies = [s for s in rule(node, rctx) if batch is None or not _splits_batch(s, batch)]
-                strategies += grid_strategies(node, rule, rctx)   # EP x TP experts (rules/grid.py)
+                # EP x TP experts (rules/grid.py); the token-local rules for rows dispatched to a group
+                tokens = (lambda n, c: token_strategies(n, c, seq_syms)) if seq_syms else None
+                strategies += grid_strategies(node, rule, rctx, tokens)
             if extra:                     # token-local strategies (tokens.py) beside the op's own
                 strategies = dedupe(strategies + extra)
         else:

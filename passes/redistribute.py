@@ -21,13 +21,28 @@ class Step:
     args: tuple             # its extra arguments (dims, factor); the group is appended
     forward: str | None     # collective kind run forward
     backward: str | None    # collective kind run backward (when gradients flow)
+    groups: int | None = None   # a grid dispatch/combine: each row goes to all N/groups ranks of its group
+
+    def volume(self, world: int) -> int:
+        """Bytes moved / the tensor's (ring model): N/groups copies for a grid dispatch, else 1."""
+        return world // self.groups if self.groups else 1
 
 
 def steps(src: Placement, dst: Placement) -> list[Step] | None:
     if src == dst:
         return []
+    if isinstance(src, TokenLocal) and isinstance(dst, Grid) and dst.outer == X and dst.inner == R:
+        # rows sorted by expert -> the rows of this rank's group of experts, on each of its ranks
+        if src.kind != "s":
+            return None
+        return [Step(comm.moe_dispatch, (dst.groups,), ALL_TO_ALL, ALL_TO_ALL, groups=dst.groups)]
+    if isinstance(src, Grid) and src.outer == X and src.inner == P and isinstance(dst, TokenLocal):
+        # each rank's partial sums of its group's rows back to their tokens' ranks, copies added
+        if dst.kind != "s":
+            return None
+        return [Step(comm.moe_combine, (src.groups,), ALL_TO_ALL, ALL_TO_ALL, groups=src.groups)]
     if isinstance(src, Grid) or isinstance(dst, Grid):
-        return None                   # EP x TP pieces leave the expert block only through its row matmul (-> P)
+        return None                   # other EP x TP pieces leave the expert block only through ops
     if isinstance(src, TokenLocal) and dst == X:
         # rows sorted by expert on each rank's tokens -> the rows of this rank's experts
         return [Step(comm.moe_dispatch, (), ALL_TO_ALL, ALL_TO_ALL)] if src.kind == "s" else None
@@ -69,9 +84,9 @@ def transition_time(src: Placement, dst: Placement, nbytes: float, world: int, l
     t = 0.0
     for s in plan:
         if s.forward:
-            t += collective_time(s.forward, nbytes, world, link)
+            t += collective_time(s.forward, nbytes * s.volume(world), world, link)
         if grad and s.backward:
-            t += collective_time(s.backward, nbytes, world, link)
+            t += collective_time(s.backward, nbytes * s.volume(world), world, link)
     return t
 
 

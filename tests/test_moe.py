@@ -135,11 +135,14 @@ def test_load_balance_is_visible():
         dist.destroy_process_group()
 
 
+@dataclasses.dataclass
 class SkewedMixtral:
     """Mixtral whose router scores every expert 0: top-2 picks the same two experts for every
-    token, so the other two get no tokens (zero-size blocks in the grouped matmul)."""
+    token, so the others get no tokens (zero-size blocks in the grouped matmul)."""
+    config: dict = dataclasses.field(default_factory=lambda: MOE_FAMILIES["mixtral"])
+
     def __call__(self):
-        model = HFModel(MOE_FAMILIES["mixtral"])()
+        model = HFModel(self.config)()
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.mlp.gate.weight.zero_()
@@ -208,9 +211,14 @@ GRID = {"mixtral": dict(MOE_FAMILIES["mixtral"], num_local_experts=6, intermedia
 def test_expert_and_tensor_parallel_grid_is_exact():
     """EP x TP on the 2-D view (2 groups x 2 ranks) of 4 ranks: the plan picks it because it
     is the only split that holds 1/N of the expert weights; logits, every gradient (the expert
-    weights are DTensors on the ('ep', 'etp') mesh) and the aux loss match one device; the
-    MoE layer still combines with one all-reduce, as the dense layers do."""
-    cases = [Case(name, HFModel(cfg), other_shapes=((3, 5),)) for name, cfg in GRID.items()]
+    weights are DTensors on the ('ep', 'etp') mesh) and the aux loss match one device.  Tokens
+    replicated: the MoE layer combines with one all-reduce, as the dense layers do.  Tokens split
+    by sequence: each rank's rows go to their group of experts, a copy to each rank of the group
+    (one all-to-all), and come back as partial sums that add up (one all-to-all); skewed routing
+    leaves one group with no rows at all."""
+    builds = {**{name: HFModel(cfg) for name, cfg in GRID.items()}, "skew": SkewedMixtral(GRID["mixtral"])}
+    cases = [Case(name, b, other_shapes=((3, 5),)) for name, b in builds.items()]
+    cases += [Case(f"{name}-a2a", b, kwargs=SP, other_shapes=((3, 4),)) for name, b in builds.items()]
     for rank in verify(cases, 4):
         for r in rank:
             assert not r.error, f"{r.name}:\n{r.error}"
@@ -218,7 +226,18 @@ def test_expert_and_tensor_parallel_grid_is_exact():
             assert r.aux_err is None or r.aux_err <= TOL
             experts = {n: p for n, p in r.placements.items() if ".experts." in n}
             assert experts and all(p.startswith("S(0)·") and p.endswith("@2") for p in experts.values()), experts
-            assert r.forward_counts["all_reduce"] == 2 * 2 + (r.aux_err is not None) * 0, r.forward_counts
+            if r.name.endswith("-a2a"):
+                # per MoE layer one dispatch and one combine (+ the split sizes' all-gather); the
+                # dense layers' all-reduces are reduce-scatters and all-gathers under SP
+                torch.manual_seed(0)
+                plan = autotp.plan(builds[r.name[:-4]](), (torch.randint(0, 128, (2, 8)),), world_size=4, **SP)
+                moe = [c for c in plan.collectives() if c.kind in ("moe_dispatch", "moe_combine")]
+                assert sorted(c.kind for c in moe) == ["moe_combine"] * 2 + ["moe_dispatch"] * 2
+                assert all(c.volume == 2 for c in moe)          # a copy for each rank of the group
+                planned = sum(1 for c in plan.collectives() if c.forward == "all_to_all")
+                assert r.forward_counts["all_to_all_single"] == planned == r.backward_counts["all_to_all_single"]
+            else:
+                assert r.forward_counts["all_reduce"] == 2 * 2, r.forward_counts
 
 
 @pytest.mark.parametrize("world,experts,ffn,expect", [

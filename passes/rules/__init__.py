@@ -19,6 +19,8 @@ Where a rule lives:
 ``indexing.py``    index_copy (a static KV cache's update)
 ``tokens.py``      token-local strategies (``L``) for any op, added to its own rule's:
                    a MoE block routed on each rank's own tokens, experts reached by all-to-all
+``grid.py``        strategies on the 2-D (EP x TP) view of the mesh, for any op: its own
+                   rule asked once per mesh dim, paired — no rule handles ``Grid`` itself
 =================  ============================================================
 
 An op with no rule runs replicated (all inputs gathered first); the plan lists every such op

@@ -42,9 +42,15 @@ def _fold(pa, pb, groups: int):
     return g is not None, g
 
 
-def grid_strategies(node: fx.Node, rule: RuleFn, ctx: RuleContext) -> list[Strategy]:
+def _ask(node: fx.Node, rule: RuleFn, tokens, ctx: RuleContext) -> list[Strategy]:
+    return rule(node, ctx) + (tokens(node, ctx) if tokens is not None else [])
+
+
+def grid_strategies(node: fx.Node, rule: RuleFn, ctx: RuleContext, tokens=None) -> list[Strategy]:
     """The Grid strategies of ``node`` from its rule (``rule``), for every group count its
-    inputs' producers offer; [] when no input can arrive as a Grid."""
+    inputs' producers offer; [] when no input can arrive as a Grid.  ``tokens(node, ctx)``: the
+    token-local strategies (``tokens.py``), asked beside the rule — the rows dispatched to a
+    group (``X`` on the group mesh dim) go through them."""
     ins = tensor_inputs(node)
     offered = {a: {p for p in ctx.candidates(a) if isinstance(p, Grid)} for a in ins}
     groups_seen = sorted({p.groups for ps in offered.values() for p in ps})
@@ -52,8 +58,9 @@ def grid_strategies(node: fx.Node, rule: RuleFn, ctx: RuleContext) -> list[Strat
     for groups in groups_seen:
         outer = {a: {p.outer for p in ps if p.groups == groups} for a, ps in offered.items()}
         inner = {a: {p.inner for p in ps if p.groups == groups} for a, ps in offered.items()}
-        per_group = rule(node, RuleContext(world=groups, factors=ctx.factors, _candidates=outer))
-        in_group = rule(node, RuleContext(world=ctx.world // groups, factors=ctx.factors, _candidates=inner))
+        per_group = _ask(node, rule, tokens, RuleContext(world=groups, factors=ctx.factors, _candidates=outer))
+        in_group = _ask(node, rule, tokens, RuleContext(world=ctx.world // groups, factors=ctx.factors,
+                                                        _candidates=inner))
         for sa in per_group:
             if sa.localize is not None:
                 continue

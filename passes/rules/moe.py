@@ -122,17 +122,24 @@ def _grid_strategies(x: fx.Node, w: fx.Node, ctx: RuleContext) -> list[Strategy]
     ranks — one all-reduce, the same as either pure form."""
     out = []
     wv = val(w)
+    xs = ctx.candidates(x)
+    routed = any(isinstance(p, TokenLocal) and p.kind == "s" for p in xs)    # token-local rows (tokens.py)
     for p in ctx.candidates(w):
         if not isinstance(p, Grid) or not is_shard(p.inner) \
                 or not aligned(wv.shape[p.inner.dim] // (ctx.world // p.groups), wv):
             continue
-        f = split_factor(p.inner)
+        f, a = split_factor(p.inner), p.groups
         if p.inner.dim == 2:
-            out.append(Strategy((R, p, R), Grid(D, S(1, f), p.groups), localize=_localize_grid))
+            out.append(Strategy((R, p, R), Grid(D, S(1, f), a), localize=_localize_grid))
+            if routed:
+                # each rank's rows dispatched to their group of experts, all of them on each of its
+                # ranks (comm.moe_dispatch with groups); offs is this rank's cumsum, as for EP
+                out.append(Strategy((Grid(X, R, a), p, P), Grid(X, S(1, f), a), localize=_localize_dispatched))
         elif p.inner.dim == 1:
-            act = Grid(D, S(1, f), p.groups)
-            if act in ctx.candidates(x):
-                out.append(Strategy((act, p, R), P, localize=_localize_grid))
+            if Grid(D, S(1, f), a) in xs:
+                out.append(Strategy((Grid(D, S(1, f), a), p, R), P, localize=_localize_grid))
+            if Grid(X, S(1, f), a) in xs:   # partial inside the group; the combine adds the copies
+                out.append(Strategy((Grid(X, S(1, f), a), p, P), Grid(X, P, a), localize=_localize_dispatched))
     return out
 
 
