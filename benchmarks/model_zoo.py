@@ -135,6 +135,11 @@ def outcome(r) -> str:
     return f"{verdict}  logits {r.logits_err:.1e}  grads {r.grad_err:.1e} ({r.worst_grad})  other {r.other_shape_err:.1e}"
 
 
+def _with(config: dict, extra: dict) -> dict:
+    """``config`` with the ``--set`` values of the keys it has."""
+    return {**config, **{k: v for k, v in extra.items() if k in config}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", default="2", help="comma-separated world sizes")
@@ -142,7 +147,10 @@ def main() -> int:
     ap.add_argument("--sp", action="store_true", help="sequence_parallel=True")
     ap.add_argument("--chunk", type=int, default=8, help="families per process start")
     ap.add_argument("--timeout", type=float, default=180.0, help="collective timeout, seconds")
+    ap.add_argument("--set", default="", help="comma-separated key=int over the small config, where the family "
+                                              "has the key (e.g. num_experts=6,moe_intermediate_size=24)")
     args = ap.parse_args()
+    extra = {k: int(v) for k, v in (kv.split("=") for kv in args.set.split(",") if kv)}
     names = args.only.split(",") if args.only else families()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     runnable, skipped = [], {}
@@ -156,8 +164,8 @@ def main() -> int:
     for world in [int(w) for w in args.world.split(",")]:
         for i in range(0, len(runnable), args.chunk):
             part = runnable[i:i + args.chunk]
-            cases = [Case(n, HFModel(config_of(n)), kwargs=kwargs, other_shapes=((3, 4 if args.sp else 5),))
-                     for n in part]
+            cases = [Case(n, HFModel(_with(config_of(n), extra)), kwargs=kwargs,
+                          other_shapes=((3, 4 if args.sp else 5),)) for n in part]
             t0 = time.time()
             try:
                 per_rank = verify(cases, world, timeout_s=args.timeout)

@@ -15,6 +15,8 @@ sizes).  Plans:
   EP x TP       (N >= 4) experts pinned to the 2-D grid: N/2 groups of whole experts, each split
                 column/row over the 2 ranks of its group; tokens replicated, one combine
   EP a2a        sequence_parallel=True: the solver's choice, rows dispatched and combined by all-to-all
+  EP x TP a2a   (N >= 4) sequence_parallel=True with the grid pinned: each row to every rank of its
+                group (2 copies), the partial sums back
   TP-in-expert  sequence_parallel=True with the experts pinned as above: tokens gathered, reduce-scattered
 
 "MoE fwd" is the forward wire bytes of the MoE blocks alone as the plan's cost report predicts
@@ -54,7 +56,7 @@ def grid_pin(world: int) -> dict:
 
 
 PLANS = [("EP", {}), ("TP-in-expert", {"overrides": TP_IN_EXPERT}), ("EP x TP", {"overrides": grid_pin}),
-         ("EP a2a", {"sequence_parallel": True}),
+         ("EP a2a", {"sequence_parallel": True}), ("EP x TP a2a", {"sequence_parallel": True, "overrides": grid_pin}),
          ("TP-in-expert", {"sequence_parallel": True, "overrides": TP_IN_EXPERT})]
 _KINDS = {"all_reduce": "AR", "all_gather_into_tensor": "AG", "reduce_scatter_tensor": "RS", "all_to_all_single": "A2A"}
 
