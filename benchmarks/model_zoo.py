@@ -132,7 +132,9 @@ def outcome(r) -> str:
         return f"{kind}: {msg[:160]}"
     errs = (r.logits_err, r.grad_err, r.other_shape_err)
     verdict = "ok" if all(e <= TOL for e in errs) else "WRONG"   # NaN is WRONG
-    return f"{verdict}  logits {r.logits_err:.1e}  grads {r.grad_err:.1e} ({r.worst_grad})  other {r.other_shape_err:.1e}"
+    experts = sorted({p for n, p in r.placements.items() if ".experts." in n})
+    return (f"{verdict}  logits {r.logits_err:.1e}  grads {r.grad_err:.1e} ({r.worst_grad})  other "
+            f"{r.other_shape_err:.1e}" + (f"  experts {'/'.join(experts)}" if experts else ""))
 
 
 def _with(config: dict, extra: dict) -> dict:
