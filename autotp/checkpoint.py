@@ -10,6 +10,11 @@ files (one file, or shards listed in ``model.safetensors.index.json``) and reads
 parameter, exactly the rows/columns its placement gives this rank (``safe_open.get_slice``).
 Everything is checked before anything is loaded — names, shapes, dtypes — so a bad
 checkpoint fails with one error listing every problem, and nothing is half-loaded.
+
+A checkpoint in a layout transformers converts when it loads (Mixtral's experts saved one by
+one, ``block_sparse_moe.experts.{e}.w1``, for the stacked ``mlp.experts.gate_up_proj``) is read
+through transformers' own conversion mapping: a renamed tensor is still read slice by slice; a
+merged one is read whole, converted, and this rank's part kept (one parameter at a time).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from autotp.passes.context import AutoTPError
-from autotp.placement import Grid, R, is_shard, split_factor
+from autotp.placement import Grid, R, is_shard, local_chunk, split_factor
 
 __all__ = ["init_empty_weights", "load_checkpoint", "full_state_dict", "LoadReport"]
 
@@ -120,15 +125,20 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
     params = dict(pmodel.named_parameters())
     # ---- check everything first ----
     plan, problems, used = {}, [], set()
+    absent = [name for name in params if not any(n in where for n in aliases.get(name, [name]))]
+    renamed, merged = _hf_layout(pmodel, where, absent) if absent else ({}, {})
     for name, param in params.items():
-        stored = next((n for n in aliases.get(name, [name]) if n in where), None)
+        stored = next((n for n in aliases.get(name, [name]) if n in where), None) or renamed.get(name)
+        if stored is None and name in merged:
+            used.update(key for key, _ in merged[name][1])
+            continue
         if stored is None:
             problems.append(f"missing: {name} (shape {list(param.shape)})")
             continue
         plan[name] = stored
         used.add(stored)
     headers = {}
-    for file in sorted({where[s] for s in plan.values()}):
+    for file in sorted({where[s] for s in plan.values()} | {where[k] for _, keys in merged.values() for k, _ in keys}):
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
@@ -148,6 +158,12 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
         elif _dtypes.get(dtype) != want.dtype and not allow_dtype_cast:
             problems.append(f"dtype: {stored} is {dtype} in the checkpoint, the model is {want.dtype} "
                             f"(pass allow_dtype_cast=True to convert)")
+    for name, (converter, keys) in merged.items():     # convert on meta tensors: the shapes, nothing read
+        shape = list(_convert(pmodel, name, converter, keys, lambda k: torch.empty(
+            headers[k][0], dtype=_dtypes.get(headers[k][1], torch.float32), device="meta")).shape)
+        if shape != list(params[name].shape):
+            problems.append(f"shape: {name} is {shape} after transformers' conversion of {keys[0][0]}, ... "
+                            f"({len(keys)} tensors), the model wants {list(params[name].shape)}")
     if problems:
         raise AutoTPError(f"checkpoint {path} does not fit the model ({len(problems)} problem(s)); nothing was "
                           f"loaded:\n  " + "\n  ".join(problems))
@@ -175,12 +191,89 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
                 dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,
                                         stride=param.stride())
                 new_params[name] = nn.Parameter(dt, requires_grad=param.requires_grad)
+    with contextlib.ExitStack() as stack:
+        handles: dict = {}
+
+        def read_whole(key: str) -> torch.Tensor:
+            if where[key] not in handles:
+                handles[where[key]] = stack.enter_context(safe_open(where[key], framework="pt"))
+                files.add(str(where[key]))
+            return handles[where[key]].get_tensor(key)
+
+        for name, (converter, keys) in merged.items():   # read whole, convert, keep this rank's slice
+            param, placement = params[name], placements.get(name, R)
+            full = _convert(pmodel, name, converter, keys, read_whole)
+            read += sum(headers_bytes(headers[k]) for k, _ in keys)
+            target_device = device or (param.device if param.device.type != "meta" else "cpu")
+            local = local_chunk(full, placement, rank, world).to(device=target_device, dtype=param.dtype).contiguous()
+            del full
+            dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,
+                                    stride=param.stride())
+            new_params[name] = nn.Parameter(dt, requires_grad=param.requires_grad)
     for name, p in new_params.items():
         for alias in aliases.get(name, [name]):
             module_name, _, attr = alias.rpartition(".")
             owner = pmodel.get_submodule(module_name) if module_name else pmodel
             setattr(owner, attr, p)
     return LoadReport(sorted(new_params), read, sorted(files), sorted(set(where) - used))
+
+
+def headers_bytes(header) -> int:
+    shape, dtype = header
+    n = 1
+    for d in shape:
+        n *= d
+    return n * {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 4)
+
+
+def _hf_layout(pmodel, where: dict, absent: list[str]) -> tuple[dict, dict]:
+    """For parameters the checkpoint does not hold under their own names: the layout transformers
+    itself converts when it loads this family (``conversion_mapping``: Mixtral's per-expert
+    ``block_sparse_moe.experts.{e}.w1/w2/w3`` into stacked ``mlp.experts.gate_up_proj`` /
+    ``down_proj``, renamed modules, ...).  Returns ``renamed`` (parameter -> the checkpoint key
+    that only has another name: still read slice by slice) and ``merged`` (parameter ->
+    (transformers' converter, [(checkpoint key, source pattern)] in transformers' order)).
+    Empty when the model is not a transformers model or transformers has no mapping for it."""
+    model = getattr(pmodel, "source_model", None)
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:
+        return {}, {}
+    if not isinstance(model, PreTrainedModel):
+        return {}, {}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    if not mapping:
+        return {}, {}
+    wanted = set(absent)
+    names = {n: True for n, _ in model.named_parameters(remove_duplicate=False)}
+    renamed, merged = {}, {}
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    for key in sorted(where, key=dot_natural_key):      # transformers' order: experts 0, 1, 2, ..., 10
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        if target not in wanted:
+            continue
+        if pattern is None:
+            renamed[target] = key
+        else:
+            merged.setdefault(target, (by_pattern[pattern], []))[1].append((key, pattern))
+    return renamed, merged
+
+
+def _convert(pmodel, name: str, converter, keys: list, read) -> torch.Tensor:
+    """Parameter ``name`` built from checkpoint tensors ``keys`` by transformers' own converter
+    (a fresh copy of it; ``read(key)`` gives each tensor)."""
+    import copy
+    conv = copy.deepcopy(converter)
+    for key, pattern in keys:
+        conv.add_tensor(name, key, pattern, lambda key=key: read(key))
+    model = pmodel.source_model
+    out = conv.convert(name, model=model, config=model.config)
+    value = out.get(name, next(iter(out.values())))
+    return value[0] if isinstance(value, list) else value
 
 
 def full_state_dict(pmodel, *, to_cpu: bool = True) -> dict[str, torch.Tensor]:

@@ -382,8 +382,27 @@ def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
         if args != node.args or kwargs != node.kwargs:
             node.args, node.kwargs = tuple(args), kwargs
             changed = True
+        changed |= _histc_for(node, device)
     if changed:
         gm.recompile()
+
+
+def _histc_for(node: fx.Node, device: torch.device) -> bool:
+    """transformers picks ``histc``'s input dtype by device (CPU: float only; CUDA: int, for
+    deterministic mode), so a trace on the meta device took the non-CPU branch: cast an integer
+    input to float where the graph runs on CPU (the counts are the same)."""
+    if node.op != "call_function" or node.target != torch.ops.aten.histc.default or device.type not in ("cpu", "mps"):
+        return False
+    x = node.args[0]
+    v = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or v.is_floating_point():
+        return False
+    with node.graph.inserting_before(node):
+        cast = node.graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": torch.float32})
+    cast.meta.update(x.meta)
+    cast.meta["val"] = v.to(torch.float32) if v.device.type == "meta" else v.float()
+    node.args = (cast, *node.args[1:])
+    return True
 
 
 def _check_input(x, node: fx.Node, sizes: dict, pinned: dict | None = None):

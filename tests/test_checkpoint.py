@@ -126,3 +126,51 @@ def test_bad_checkpoint_is_refused_whole(tmp_path):
             autotp.load_checkpoint(pmodel, tmp_path / "weights.bin")
     finally:
         dist.destroy_process_group()
+
+
+def _moe_worker(rank, world, tmp):
+    import autotp
+    from autotp.verify import HFModel
+    from models import MOE_FAMILIES
+    _init(rank, world, tmp)
+    out = {}
+    for family, cfg in MOE_FAMILIES.items():
+        torch.manual_seed(0)
+        ref = HFModel(cfg)()
+        ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+        with autotp.init_empty_weights():                      # traced on meta, run on CPU
+            model = HFModel(cfg)()
+        pmodel = autotp.parallelize(model, (ids,))
+        report = autotp.load_checkpoint(pmodel, os.path.join(tmp, family))
+        want = ref(ids).logits
+        out[family] = {"err": ((pmodel(ids).logits - want).abs().max() / want.abs().max()).item(),
+                       "unused": report.unused,
+                       "experts": autotp.fmt(pmodel.plan.placements["model.layers.0.mlp.experts.down_proj"])}
+    torch.save(out, os.path.join(tmp, f"moe{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_moe_checkpoint_in_transformers_saved_layout():
+    """transformers saves Mixtral's experts one by one (``block_sparse_moe.experts.{e}.w1/w2/w3``)
+    and Qwen2-MoE's as ``experts.{e}.gate_proj/up_proj/down_proj``, and converts them to the
+    stacked parameters when it loads.  ``load_checkpoint`` applies the same conversion (its own
+    ``conversion_mapping``), then keeps this rank's experts: exact logits, every tensor used.
+    The models start on the meta device and run on CPU (their traced ``histc`` took the
+    non-CPU integer branch; the runtime casts it)."""
+    from autotp.verify import HFModel
+    from models import MOE_FAMILIES
+    with tempfile.TemporaryDirectory() as tmp:
+        for family, cfg in MOE_FAMILIES.items():
+            torch.manual_seed(0)
+            HFModel(cfg)().save_pretrained(os.path.join(tmp, family))
+        assert not any(".experts.gate_up_proj" in k for k in _keys(os.path.join(tmp, "mixtral")))
+        mp.start_processes(_moe_worker, args=(2, tmp), nprocs=2, start_method="fork")
+        for r in range(2):
+            for family, res in torch.load(os.path.join(tmp, f"moe{r}.pt")).items():
+                assert res["err"] <= TOL and not res["unused"] and res["experts"] == "S(0)", (family, res)
+
+
+def _keys(ckpt_dir):
+    from safetensors import safe_open
+    with safe_open(os.path.join(ckpt_dir, "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
