@@ -217,8 +217,9 @@ def test_expert_and_tensor_parallel_grid_is_exact():
     (one all-to-all), and come back as partial sums that add up (one all-to-all); skewed routing
     leaves one group with no rows at all."""
     builds = {**{name: HFModel(cfg) for name, cfg in GRID.items()}, "skew": SkewedMixtral(GRID["mixtral"])}
-    cases = [Case(name, b, other_shapes=((3, 5),)) for name, b in builds.items()]
-    cases += [Case(f"{name}-a2a", b, kwargs=SP, other_shapes=((3, 4),)) for name, b in builds.items()]
+    # (CI time: each form once per family; skewed routing where a group can get no rows at all)
+    cases = [Case("mixtral", builds["mixtral"], other_shapes=((3, 5),))]
+    cases += [Case(f"{name}-a2a", builds[name], kwargs=SP, other_shapes=((3, 4),)) for name in ("qwen2_moe", "skew")]
     for rank in verify(cases, 4):
         for r in rank:
             assert not r.error, f"{r.name}:\n{r.error}"
