@@ -13,8 +13,9 @@ checkpoint fails with one error listing every problem, and nothing is half-loade
 
 A checkpoint in a layout transformers converts when it loads (Mixtral's experts saved one by
 one, ``block_sparse_moe.experts.{e}.w1``, for the stacked ``mlp.experts.gate_up_proj``) is read
-through transformers' own conversion mapping: a renamed tensor is still read slice by slice; a
-merged one is read whole, converted, and this rank's part kept (one parameter at a time).
+through transformers' own conversion mapping: a renamed tensor is still read slice by slice;
+experts stacked from one tensor each are read for this rank's experts only; any other merged
+tensor is read whole, converted, and this rank's part kept (one parameter at a time).
 """
 from __future__ import annotations
 
@@ -200,12 +201,14 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
                 files.add(str(where[key]))
             return handles[where[key]].get_tensor(key)
 
-        for name, (converter, keys) in merged.items():   # read whole, convert, keep this rank's slice
+        for name, (converter, keys) in merged.items():   # read, convert, keep this rank's slice
             param, placement = params[name], placements.get(name, R)
-            full = _convert(pmodel, name, converter, keys, read_whole)
-            read += sum(headers_bytes(headers[k]) for k, _ in keys)
+            mine, rest, sub_rank, sub_world = _own_experts(converter, keys, placement, rank, world)
+            full = _convert(pmodel, name, converter, mine, read_whole)
+            read += sum(headers_bytes(headers[k]) for k, _ in mine)
             target_device = device or (param.device if param.device.type != "meta" else "cpu")
-            local = local_chunk(full, placement, rank, world).to(device=target_device, dtype=param.dtype).contiguous()
+            local = local_chunk(full, rest, sub_rank, sub_world).to(device=target_device, dtype=param.dtype)
+            local = local.contiguous()
             del full
             dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,
                                     stride=param.stride())
@@ -261,6 +264,33 @@ def _hf_layout(pmodel, where: dict, absent: list[str]) -> tuple[dict, dict]:
         else:
             merged.setdefault(target, (by_pattern[pattern], []))[1].append((key, pattern))
     return renamed, merged
+
+
+def _own_experts(converter, keys: list, placement, rank: int, world: int):
+    """Under expert parallelism (``S(0)``, or a grid's ``S(0)·...``) a rank holds E/groups whole
+    experts; when transformers stacks them from one tensor per expert (its first op merges the
+    list along dim 0), read only this rank's experts' tensors.  Returns (keys to read, the
+    placement left to apply to the converted tensor, and the rank and world it applies over)."""
+    from transformers.core_model_loading import MergeModulelist
+    ops = getattr(converter, "operations", [])
+    outer = placement.outer if isinstance(placement, Grid) else placement
+    if not (ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and is_shard(outer) and outer.dim == 0
+            and split_factor(outer) == 1):
+        return keys, placement, rank, world
+    groups = placement.groups if isinstance(placement, Grid) else world
+    per_pattern: dict = {}
+    for key, pattern in keys:
+        per_pattern.setdefault(pattern, []).append((key, pattern))
+    if len({len(v) for v in per_pattern.values()}) != 1 or len(next(iter(per_pattern.values()))) % groups:
+        return keys, placement, rank, world
+    b = world // groups
+    mine = []
+    for items in per_pattern.values():             # expert e's tensor is the e-th of each pattern
+        per = len(items) // groups
+        mine += items[(rank // b) * per:(rank // b + 1) * per]
+    if isinstance(placement, Grid):
+        return mine, placement.inner, rank % b, b
+    return mine, R, 0, 1
 
 
 def _convert(pmodel, name: str, converter, keys: list, read) -> torch.Tensor:

@@ -144,7 +144,8 @@ def _moe_worker(rank, world, tmp):
         report = autotp.load_checkpoint(pmodel, os.path.join(tmp, family))
         want = ref(ids).logits
         out[family] = {"err": ((pmodel(ids).logits - want).abs().max() / want.abs().max()).item(),
-                       "unused": report.unused,
+                       "unused": report.unused, "read": report.bytes_read,
+                       "full": sum(p.numel() * p.element_size() for p in ref.parameters()),
                        "experts": autotp.fmt(pmodel.plan.placements["model.layers.0.mlp.experts.down_proj"])}
     torch.save(out, os.path.join(tmp, f"moe{rank}.pt"))
     dist.destroy_process_group()
@@ -154,7 +155,8 @@ def test_moe_checkpoint_in_transformers_saved_layout():
     """transformers saves Mixtral's experts one by one (``block_sparse_moe.experts.{e}.w1/w2/w3``)
     and Qwen2-MoE's as ``experts.{e}.gate_proj/up_proj/down_proj``, and converts them to the
     stacked parameters when it loads.  ``load_checkpoint`` applies the same conversion (its own
-    ``conversion_mapping``), then keeps this rank's experts: exact logits, every tensor used.
+    ``conversion_mapping``), reading only this rank's experts' tensors: exact logits, every
+    tensor used by some rank.
     The models start on the meta device and run on CPU (their traced ``histc`` took the
     non-CPU integer branch; the runtime casts it)."""
     from autotp.verify import HFModel
@@ -168,6 +170,8 @@ def test_moe_checkpoint_in_transformers_saved_layout():
         for r in range(2):
             for family, res in torch.load(os.path.join(tmp, f"moe{r}.pt")).items():
                 assert res["err"] <= TOL and not res["unused"] and res["experts"] == "S(0)", (family, res)
+                # each rank read its own experts' tensors (and its slices of the rest), not the model
+                assert res["read"] < 0.75 * res["full"], (family, res["read"], res["full"])
 
 
 def _keys(ckpt_dir):
