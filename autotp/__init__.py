@@ -64,15 +64,27 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     batch 4 x seq 2048, as ``Plan.activation_mib`` counts): the fastest plan within that cap —
     the solver splits the sequence only where the cap requires it.
     """
+    # a mesh with other dims (FSDP2 on "dp"): no EP x TP grid for the experts — after fully_shard
+    # the grid parameters' gradients do not gather (full_tensor fails, torch 2.13); not verified
     mesh = tp_mesh(mesh, timeout)
+    expert_grid = _whole_mesh(mesh)
     rank0 = dist.get_rank() == 0
     p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
                   overrides=overrides, training=True, sharded_outputs=sharded_outputs,
                   sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
-                  dump=dump if rank0 else False)
+                  dump=dump if rank0 else False, expert_grid=expert_grid)
     if check_plan and mesh.size() > 1:
         _check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs)
+
+
+def _whole_mesh(mesh) -> bool:
+    """Whether ``mesh`` is a mesh of its own, not the "tp" dim of a larger one."""
+    try:
+        root = mesh._get_root_mesh()
+    except (AttributeError, RuntimeError):        # a torch without it: assume a larger mesh
+        return False
+    return root is None or root is mesh or root.ndim == 1
 
 
 def _check_same_plan(p: Plan, mesh) -> None:

@@ -78,6 +78,8 @@ class PassContext:
     size_names: size symbol -> "batch" / "seq".
     sequence_parallel: after weight memory, minimise activation memory per rank (Megatron-SP:
         the regions between sharded matmuls split along the sequence) before communication time.
+    expert_grid: stacked expert weights may also split both ways on a 2-D view of the mesh
+        (``Grid``: EP over groups x TP inside each group).
     state_outputs: output slot (index among the graph's tensor outputs) -> placeholder name of the
         user input it is the new value of (a KV cache carried from step to step): that input may
         be sharded, and the output keeps exactly its placement, never communicated.
@@ -103,6 +105,7 @@ class PassContext:
     # a cap on activation memory per rank (MiB at the planning sizes, as ``Plan.activation_mib``
     # counts it): the fastest plan within it — sequence parallelism only where the cap needs it
     max_activation_mib: float | None = None
+    expert_grid: bool = True
 
     @property
     def activation_terms(self) -> bool:

@@ -183,7 +183,7 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors) -> list[St
         for f in factors:
             if can_shard(v.shape[d], f, ctx.world):
                 options.append(Strategy((), S(d, f)))
-    return options + grid_options(v, ctx.world, factors)
+    return options + (grid_options(v, ctx.world, factors) if ctx.expert_grid else [])
 
 
 def grid_options(v: torch.Tensor, world: int, factors) -> list[Strategy]:

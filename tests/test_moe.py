@@ -334,3 +334,24 @@ def test_grid_loads_saves_clips_and_generates():
             assert res["norm"][0] == pytest.approx(res["norm"][1], rel=1e-5)
             assert res["grad_err"] <= TOL
             assert res["generate"][0] == res["generate"][1]
+
+
+def test_no_grid_on_the_tp_dim_of_a_larger_mesh():
+    """With FSDP2 on "dp" the grid's parameters would live on a 2-D view of a sub-mesh (not
+    verified): ``parallelize`` offers the grid only on a mesh of its own.  One process, the fake
+    process group for 8 ranks."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from autotp import _whole_mesh
+    from autotp.plan import make_plan
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        assert _whole_mesh(init_device_mesh("cpu", (8,), mesh_dim_names=("tp",)))
+        assert not _whole_mesh(init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp", "tp"))["tp"])
+    finally:
+        dist.destroy_process_group()
+    torch.manual_seed(0)
+    plan = make_plan(HFModel(GRID["mixtral"])(), (torch.randint(0, 128, (2, 8)),), world_size=4, expert_grid=False)
+    assert not any("@" in autotp.fmt(p) for p in plan.placements.values())
