@@ -12,6 +12,12 @@ a *disjoint* partial sum (``D``) that silu, the gate product, the routing-weight
 the un-permuting gather keep; the sum over the top-k then makes it an ordinary partial sum, and
 one all-reduce of (tokens, d_model) combines — the bytes of one dense MLP's all-reduce.
 
+Both at once on a 2-D view of the mesh (``Grid``, EP x TP): E/a experts per group of N/a ranks,
+each split column/row inside its group; the row matmul's output is again a partial sum over all
+N ranks.  With tokens split by sequence the rows reach their experts by all-to-all instead
+(``X``; on the grid, a copy to each rank of the group).  The strategies need 16-byte strides of
+the local pieces (``aligned``).
+
 The routing around it (softmax, top-k, sort, histc, cumsum, index) is ordinary ATen and
 stays replicated on the few bytes of router logits.
 """
