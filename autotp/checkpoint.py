@@ -33,6 +33,9 @@ from autotp.placement import Grid, R, is_shard, local_chunk, split_factor
 
 __all__ = ["init_empty_weights", "load_checkpoint", "full_state_dict", "LoadReport"]
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
 
 @contextlib.contextmanager
 def init_empty_weights():
@@ -118,7 +121,6 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
     from safetensors import safe_open
     path = Path(path)
     where = _weight_map(path)
-    from autotp.runtime import mesh_for
     mesh = pmodel.mesh
     rank, world = mesh.get_local_rank(), mesh.size()
     placements = pmodel.plan.placements
@@ -148,7 +150,7 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
         except Exception as e:  # noqa: BLE001
             raise AutoTPError(f"cannot read {file} ({type(e).__name__}: {e}); the file is truncated or corrupt "
                               f"— nothing was loaded") from e
-    _dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    _dtypes = _SAFETENSORS_DTYPES
     for name, stored in plan.items():
         shape, dtype = headers.get(stored, (None, None))
         want = params[name]
@@ -187,11 +189,7 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
                 else:                    # the blocks of a fused (strided) dim, this rank's slice of each
                     local = torch.cat(pieces, dim=(placement.inner if isinstance(placement, Grid) else placement).dim)
                 read += local.numel() * local.element_size()
-                target_device = device or (param.device if param.device.type != "meta" else "cpu")
-                local = local.to(device=target_device, dtype=param.dtype).contiguous()
-                dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,
-                                        stride=param.stride())
-                new_params[name] = nn.Parameter(dt, requires_grad=param.requires_grad)
+                new_params[name] = _as_param(local, param, placement, mesh, device)
     with contextlib.ExitStack() as stack:
         handles: dict = {}
 
@@ -205,14 +203,9 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
             param, placement = params[name], placements.get(name, R)
             mine, rest, sub_rank, sub_world = _own_experts(converter, keys, placement, rank, world)
             full = _convert(pmodel, name, converter, mine, read_whole)
-            read += sum(headers_bytes(headers[k]) for k, _ in mine)
-            target_device = device or (param.device if param.device.type != "meta" else "cpu")
-            local = local_chunk(full, rest, sub_rank, sub_world).to(device=target_device, dtype=param.dtype)
-            local = local.contiguous()
+            read += sum(_stored_bytes(headers[k]) for k, _ in mine)
+            new_params[name] = _as_param(local_chunk(full, rest, sub_rank, sub_world), param, placement, mesh, device)
             del full
-            dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,
-                                    stride=param.stride())
-            new_params[name] = nn.Parameter(dt, requires_grad=param.requires_grad)
     for name, p in new_params.items():
         for alias in aliases.get(name, [name]):
             module_name, _, attr = alias.rpartition(".")
@@ -221,12 +214,21 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
     return LoadReport(sorted(new_params), read, sorted(files), sorted(set(where) - used))
 
 
-def headers_bytes(header) -> int:
+def _stored_bytes(header) -> int:
+    """Bytes of a checkpoint tensor from its safetensors header (shape, dtype name)."""
     shape, dtype = header
-    n = 1
-    for d in shape:
-        n *= d
-    return n * {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 4)
+    return torch.Size(shape).numel() * _SAFETENSORS_DTYPES.get(dtype, torch.float32).itemsize
+
+
+def _as_param(local: torch.Tensor, param, placement, mesh, device) -> nn.Parameter:
+    """This rank's piece ``local`` as the parameter ``param`` becomes: on ``device`` (default the
+    parameter's, CPU for a meta one), in its dtype, a DTensor in its placement."""
+    from autotp.runtime import mesh_for
+    target = device or (param.device if param.device.type != "meta" else "cpu")
+    local = local.to(device=target, dtype=param.dtype).contiguous()
+    dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,
+                            stride=param.stride())
+    return nn.Parameter(dt, requires_grad=param.requires_grad)
 
 
 def _hf_layout(pmodel, where: dict, absent: list[str]) -> tuple[dict, dict]:

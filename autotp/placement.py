@@ -46,7 +46,21 @@ class DisjointPartial(_Marker):
 D = DisjointPartial()
 
 
-class TokenLocal:
+class _Keyed:
+    """A placement of autotp's own with fields: equal when its class and ``_key()`` are."""
+    __slots__ = ()
+
+    def _key(self) -> tuple:
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash((type(self).__name__,) + self._key())
+
+
+class TokenLocal(_Keyed):
     """``L(dim)``: the tensor is the model's own expression evaluated on *this rank's tokens*
     (the sequence shard), with ``dim`` running over them — data parallelism over tokens inside
     a region whose ops treat tokens independently (a MoE block's router and dispatch).  Its
@@ -75,12 +89,6 @@ class TokenLocal:
     def _key(self):
         return (self.dim, self.kind, self.origin)
 
-    def __eq__(self, other):
-        return isinstance(other, TokenLocal) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(("TokenLocal",) + self._key())
-
     def __repr__(self):
         return f"TokenLocal({self.dim}, {self.kind!r}, {self.origin!r})"
 
@@ -101,7 +109,7 @@ class ExpertRows(_Marker):
 X = ExpertRows()
 
 
-class Grid:
+class Grid(_Keyed):
     """``outer·inner@a×b``: a placement on the 2-D view ``(a, b)`` of the 1-D mesh (``a * b =
     N``, rank ``r`` at ``(r // b, r % b)``), one placement per mesh dim, as DTensor places a
     tensor on a 2-D mesh.  It is how the experts of a MoE layer split *both* ways — expert
@@ -129,12 +137,6 @@ class Grid:
 
     def _key(self):
         return (self.outer, self.inner, self.groups)
-
-    def __eq__(self, other):
-        return isinstance(other, Grid) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(("Grid",) + self._key())
 
     def __repr__(self):
         return f"Grid({self.outer!r}, {self.inner!r}, {self.groups})"

@@ -49,10 +49,14 @@ def expert_parallel_grouped_mm(x: torch.Tensor, w_local: torch.Tensor, offs: tor
 
 
 def _localize_expert_parallel(node: fx.Node, strategy: Strategy, lctx) -> None:
+    """This rank's expert group runs its rows: the group is the rank itself under expert
+    parallelism, ``rank // (N/groups)`` of ``groups`` on an EP x TP grid."""
     x, w, offs = node.args[:3]
+    wp = strategy.inputs[1]
+    groups = wp.groups if isinstance(wp, Grid) else lctx.world
     op = node.target
     node.target = expert_parallel_grouped_mm
-    node.args = (x, w, offs, lctx.rank, lctx.world, op)
+    node.args = (x, w, offs, lctx.rank // (lctx.world // groups), groups, op)
     node.kwargs = {}
 
 
@@ -136,26 +140,17 @@ def _grid_strategies(x: fx.Node, w: fx.Node, ctx: RuleContext) -> list[Strategy]
             continue
         f, a = split_factor(p.inner), p.groups
         if p.inner.dim == 2:
-            out.append(Strategy((R, p, R), Grid(D, S(1, f), a), localize=_localize_grid))
+            out.append(Strategy((R, p, R), Grid(D, S(1, f), a), localize=_localize_expert_parallel))
             if routed:
                 # each rank's rows dispatched to their group of experts, all of them on each of its
                 # ranks (comm.moe_dispatch with groups); offs is this rank's cumsum, as for EP
                 out.append(Strategy((Grid(X, R, a), p, P), Grid(X, S(1, f), a), localize=_localize_dispatched))
         elif p.inner.dim == 1:
             if Grid(D, S(1, f), a) in xs:
-                out.append(Strategy((Grid(D, S(1, f), a), p, R), P, localize=_localize_grid))
+                out.append(Strategy((Grid(D, S(1, f), a), p, R), P, localize=_localize_expert_parallel))
             if Grid(X, S(1, f), a) in xs:   # partial inside the group; the combine adds the copies
                 out.append(Strategy((Grid(X, S(1, f), a), p, P), Grid(X, P, a), localize=_localize_dispatched))
     return out
-
-
-def _localize_grid(node: fx.Node, strategy: Strategy, lctx) -> None:
-    x, w, offs = node.args[:3]
-    groups = strategy.inputs[1].groups
-    op = node.target
-    node.target = expert_parallel_grouped_mm
-    node.args = (x, w, offs, lctx.rank // (lctx.world // groups), groups, op)
-    node.kwargs = {}
 
 
 def _localize_dispatched(node: fx.Node, strategy: Strategy, lctx) -> None:
