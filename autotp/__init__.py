@@ -46,7 +46,8 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                 strict: bool = False, link="nvlink-h100", overrides: dict | None = None,
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
                 check_plan: bool = True, check_inputs: bool = False, sequence_parallel: bool = False,
-                max_activation_bytes: float | None = None, dump=None) -> ParallelModule:
+                max_activation_bytes: float | None = None, activation_checkpointing: str | None = None,
+                dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
@@ -63,6 +64,14 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     must then divide by the world size.  ``max_activation_bytes`` (per rank, at the planning
     batch 4 x seq 2048, as ``Plan.activation_mib`` counts): the fastest plan within that cap —
     the solver splits the sequence only where the cap requires it.
+
+    The returned module keeps the model's hierarchy: each decoder layer is a rank-local module
+    at its path owning its shards (``pmodel.blocks()``), so ``fully_shard`` per layer,
+    ``checkpoint_wrapper`` and per-layer ``torch.compile`` work as on the plain model.
+    ``activation_checkpointing``: None (keep every activation), "full" (recompute each layer
+    in backward) or "selective" (keep matmul, attention and collective outputs; recompute the
+    pointwise ops and norms, so no collective runs twice).  A model whose own checkpointing
+    flag is on (Hugging Face's ``gradient_checkpointing_enable()``) gets "full", noted in the plan.
     """
     # a mesh with other dims (FSDP2 on "dp"): no EP x TP grid for the experts — after fully_shard
     # the grid parameters' gradients do not gather (full_tensor fails, torch 2.13); not verified
@@ -75,7 +84,7 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                   dump=dump if rank0 else False, expert_grid=expert_grid)
     if check_plan and mesh.size() > 1:
         _check_same_plan(p, mesh)
-    return ParallelModule(model, p, mesh, check_inputs=check_inputs)
+    return ParallelModule(model, p, mesh, check_inputs=check_inputs, activation_checkpointing=activation_checkpointing)
 
 
 def _whole_mesh(mesh) -> bool:

@@ -8,6 +8,7 @@ computes on ``p.to_local()``; autograd carries each local gradient back into the
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 
 import torch
@@ -17,7 +18,10 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
 
+from autotp.blocks import cut
 from autotp.placement import Grid, P, R, fmt, local_chunk
 from autotp.plan import Plan
 from autotp.passes.context import AutoTPError
@@ -112,9 +116,17 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, foreach
 
 
 class ParallelModule(nn.Module):
-    """A model parallelised by autotp.  Call it like the original model."""
+    """A model parallelised by autotp.  Call it like the original model.
 
-    def __init__(self, model: nn.Module, plan: Plan, mesh: DeviceMesh, check_inputs: bool = False):
+    The module tree is the model's: each repeated block the plan could cut (a decoder layer) is a
+    rank-local module at its original path (``pmodel.model.layers[3]``) that runs that block's
+    part of the rewritten graph and owns the block's DTensor parameters (``autotp.blocks``), so
+    ``fully_shard``, ``checkpoint_wrapper`` and ``torch.compile`` apply per layer as on the plain
+    model.  The root runs its own parts (embedding, final norm, head) and calls the blocks in order.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, mesh: DeviceMesh, check_inputs: bool = False,
+                 activation_checkpointing: str | None = None):
         super().__init__()
         self.check_inputs = check_inputs      # debug: all ranks must pass identical inputs
         self.config = getattr(model, "config", None)
@@ -127,9 +139,26 @@ class ParallelModule(nn.Module):
         object.__setattr__(self, "graph_module", plan.rewritten(rank, group))
         _retarget_meta(self.graph_module, _mesh_device(mesh))
         self._shard_parameters(model, rank, world)
-        self._feeds = self._input_feeds()
+        self._build_blocks()
+        self._feeds = self._input_feeds()       # after the blocks: a block's own parameters live on the block
+        for seg, slot in zip(self._segments, self._block_slots):
+            if slot is not None:
+                getattr(*slot).__dict__["_autotp_run"] = (seg, [self._feeds[name] for name in seg.owned])
         self._divisors = [(_monomial(expr), divisor, _indivisible_message(expr, divisor, node, p, plan, mesh))
                           for expr, divisor, node, p in plan.size_divisors()]
+        self.activation_checkpointing = _model_checkpointing(activation_checkpointing, model, self._block_slots, plan)
+
+    @property
+    def activation_checkpointing(self) -> str | None:
+        """None, "full" or "selective": what each block does in a training forward (settable)."""
+        return self.__dict__.get("_activation_checkpointing")
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str | None) -> None:
+        mode = _checkpoint_mode(mode)
+        self.__dict__["_activation_checkpointing"] = mode
+        for block in self.blocks():
+            block.__dict__["_autotp_checkpoint"] = mode
 
     def _shard_parameters(self, model: nn.Module, rank: int, world: int) -> None:
         placements = self.plan.placements
@@ -145,12 +174,13 @@ class ParallelModule(nn.Module):
             owner = self.get_submodule(module_name) if module_name else self
             setattr(owner, attr, done[id(full)])
 
-    def _input_feeds(self):
-        """What feeds each placeholder.  Parameters and buffers are resolved to (owning module,
-        attribute) once, so a step does no dotted-name lookups, and ``load_checkpoint``'s
-        replacement of a parameter on its module is still what the next step reads."""
+    def _input_feeds(self) -> dict:
+        """What feeds each placeholder, by name.  Parameters and buffers are resolved to (owning
+        module, attribute) once, so a step does no dotted-name lookups, and ``load_checkpoint``'s
+        replacement of a parameter on its module (or FSDP2's, of a sharded one by its unsharded
+        one) is what the next step reads."""
         plan = self.plan
-        feeds = []
+        feeds = {}
 
         def owner(name: str):
             module_name, _, attr = name.rpartition(".")
@@ -160,15 +190,57 @@ class ParallelModule(nn.Module):
             if node.op != "placeholder":
                 continue
             if node.name in plan.captured.params:
+                name = plan.captured.params[node.name]
                 grid = isinstance(node.meta.get("autotp", {}).get("placement"), Grid)
-                feeds.append(("param", *owner(plan.captured.params[node.name]), 2 if grid else 1))
+                feeds[node.name] = ("param", *owner(name), 2 if grid else 1, name)
             elif node.name in plan.captured.buffers:
-                feeds.append(("buffer", *owner(plan.captured.buffers[node.name])))
+                feeds[node.name] = ("buffer", *owner(plan.captured.buffers[node.name]))
             elif node.name in plan.captured.constants:
-                feeds.append(("const", plan.captured.constants[node.name]))
+                feeds[node.name] = ("const", plan.captured.constants[node.name])
             else:
-                feeds.append(("user", plan.captured.user_inputs.index(node.name), node))
+                feeds[node.name] = ("user", plan.captured.user_inputs.index(node.name), node)
         return feeds
+
+    def _build_blocks(self) -> None:
+        """Cut the rewritten graph at the model's blocks and put a rank-local module at each block's
+        path.  The containers on the way (``model``, ``model.layers``) are shallow copies, so the
+        source model keeps its own layers (``generate`` traces their code)."""
+        owner_of = {**self.plan.captured.params, **self.plan.captured.buffers}
+        segments, uncut = cut(self.graph_module, owner_of)
+        if uncut:
+            self.plan.ctx.note(f"not cut into blocks (their nodes are not contiguous in the graph, so they run in the "
+                               f"root's part): {', '.join(uncut)}")
+        self._segments = segments
+        self._block_slots: list = []              # per segment: (parent module, child name) or None
+        copied: set[int] = set()
+        for seg in segments:
+            if seg.path is None:
+                self._block_slots.append(None)
+                continue
+            parent = self
+            *ancestors, leaf = seg.path.split(".")
+            for name in ancestors:                # copy each container once, then descend into the copy
+                child = parent._modules[name]
+                if id(child) not in copied:
+                    child = _share_children(child)
+                    parent._modules[name] = child
+                    copied.add(id(child))
+                parent = child
+            block = _rank_local_block(parent._modules[leaf])
+            parent._modules[leaf] = block
+            self._block_slots.append((parent, leaf))
+        # each segment's values that no later segment reads are dropped from the step's environment
+        last: dict[str, int] = {}
+        for i, seg in enumerate(segments):
+            for name in seg.inputs:
+                last[name] = i
+        kept = {a.name for a in next(n for n in self.graph_module.graph.nodes if n.op == "output").all_input_nodes}
+        self._frees = [[n for n in seg.inputs if last[n] == i and n not in kept] for i, seg in enumerate(segments)]
+
+    def blocks(self) -> list[nn.Module]:
+        """The rank-local block modules, in the order they run (the decoder layers): the units for
+        ``fully_shard`` and activation checkpointing."""
+        return [getattr(parent, leaf) for parent, leaf in filter(None, self._block_slots)]
 
     def _flat_user_inputs(self, args, kwargs) -> list:
         cap = self.plan.captured
@@ -194,7 +266,19 @@ class ParallelModule(nn.Module):
         return flat
 
     def forward(self, *args, **kwargs):
-        outs = self.graph_module(*self._graph_inputs(args, kwargs))
+        env = self._root_values(args, kwargs)
+        for seg, slot, frees in zip(self._segments, self._block_slots, self._frees):
+            values = [env[n] for n in seg.inputs]
+            for n in frees:
+                del env[n]
+            if slot is None:            # the graph's own forward: no module hooks on autotp's internal graphs
+                outs = seg.gm.forward(*values)
+            else:                       # the module now at the block's path (maybe the user's wrapper)
+                outs = getattr(*slot)(*values)
+            env.update(zip(seg.outputs, outs))
+        out = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        outs = pytree.tree_leaves(pytree.tree_map(lambda a: env[a.name] if isinstance(a, fx.Node) else a,
+                                                  out.args[0]))
         if self.plan.ctx.sharded_outputs:
             outs = [self._as_dtensor(o, n) for o, n in zip(outs, self._output_nodes())]
         return pytree.tree_unflatten(list(outs), self.plan.captured.out_spec)
@@ -255,27 +339,29 @@ class ParallelModule(nn.Module):
         return 1
 
     def _graph_inputs(self, args, kwargs) -> list:
+        """Every placeholder's value, in order: the flat graph's inputs (``expert_load``)."""
+        env = self._root_values(args, kwargs, everything=True)
+        return [env[node.name] for node in self.graph_module.graph.nodes if node.op == "placeholder"]
+
+    def _root_values(self, args, kwargs, everything: bool = False) -> dict:
+        """The values the root feeds: user inputs, and every parameter, buffer and constant that is
+        not read inside the block that owns it (``everything``: those too)."""
         flat = self._flat_user_inputs(args, kwargs)
         if self.check_inputs:
             self._check_same_inputs(flat)
         sizes: dict = {}                      # size symbol -> the value this call binds it to
-        inputs = []
-        for feed in self._feeds:
-            kind = feed[0]
-            if kind == "param":
-                p = getattr(feed[1], feed[2])
-                if p.device_mesh.ndim > feed[3]:    # FSDP2's sharded (dp, tp) parameter, not unsharded
-                    raise self._still_sharded(feed[1], feed[2], p)
-                inputs.append(p.to_local())
-            elif kind == "buffer":
-                inputs.append(getattr(feed[1], feed[2]))
-            elif kind == "const":
-                inputs.append(feed[1])
+        owned = set() if everything else {n for seg in self._segments for n in seg.owned}
+        env = {}
+        for name, feed in self._feeds.items():
+            if name in owned:
+                continue
+            if feed[0] == "user":
+                env[name] = _check_input(flat[feed[1]], feed[2], sizes, self.plan.captured.pinned)
             else:
-                inputs.append(_check_input(flat[feed[1]], feed[2], sizes, self.plan.captured.pinned))
+                env[name] = _read(feed)
         if self._divisors:
             self._check_divisible(sizes)
-        return inputs
+        return env
 
     def _check_divisible(self, sizes: dict) -> None:
         """Sizes the plan splits (the sequence, under sequence parallelism) must divide evenly.
@@ -293,15 +379,6 @@ class ParallelModule(nn.Module):
             else:
                 if n % divisor:
                     raise AutoTPError(message.format(n=n))
-
-    def _still_sharded(self, owner: nn.Module, attr: str, p) -> AutoTPError:
-        name = next(n for n, m in self.named_modules() if m is owner)
-        name = f"{name}.{attr}" if name else attr
-        return AutoTPError(f"parameter `{name}` is still sharded over the mesh {p.device_mesh.mesh_dim_names} "
-                           f"({p.placements}) when the graph runs: FSDP2 did not unshard it.  autotp runs the whole "
-                           f"model as one graph, so the forward hooks of a submodule given to fully_shard (a decoder "
-                           f"layer) never fire.  Apply fully_shard to the parallel model as one unit: "
-                           f"fully_shard(pmodel, mesh=mesh['dp']) (docs/fsdp2.md)")
 
     def _check_same_inputs(self, flat: list) -> None:
         """Debug mode: every rank must pass the same inputs (one small all-gather per call)."""
@@ -335,6 +412,127 @@ class ParallelModule(nn.Module):
         if not isinstance(t, torch.Tensor) or p is None:
             return t
         return DTensor.from_local(t, *mesh_for(self.mesh, p), run_check=False)   # even shards: shape inferred
+
+
+def _read(feed):
+    """The value a parameter, buffer or constant feed gives the graph now."""
+    kind = feed[0]
+    if kind == "param":
+        p = getattr(feed[1], feed[2])
+        if p.device_mesh.ndim > feed[3]:        # FSDP2's sharded (dp, tp) parameter, not unsharded
+            raise _still_sharded(feed[4], p)
+        return p.to_local()
+    if kind == "buffer":
+        return getattr(feed[1], feed[2])
+    return feed[1]
+
+
+def _still_sharded(name: str, p) -> AutoTPError:
+    return AutoTPError(f"parameter `{name}` is still sharded over the mesh {p.device_mesh.mesh_dim_names} "
+                       f"({p.placements}) when the graph reads it: FSDP2 did not unshard it.  autotp reads a "
+                       f"block's parameters inside the block's module (pmodel.blocks()), and the root's inside "
+                       f"the root; a module given to fully_shard that is neither (a submodule of a layer), or a "
+                       f"parameter read outside its block, is never unsharded in time.  Apply fully_shard to "
+                       f"each of pmodel.blocks() and then to pmodel (docs/fsdp2.md)")
+
+
+def _share_children(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module``: the same class and attributes, its own dicts of children,
+    parameters, buffers and hooks (which hold the same objects), so replacing a child of the
+    copy leaves ``module`` as it was."""
+    copy = module.__class__.__new__(module.__class__)
+    for k, v in module.__dict__.items():
+        copy.__dict__[k] = type(v)(v) if isinstance(v, (dict, set)) else v
+    return copy
+
+
+class RankLocalBlock(nn.Module):
+    """The forward of a block the plan cut: its part of the rewritten graph, on the activations
+    the root passes and the block's own parameters (read at call time, so FSDP2's unsharded ones).
+    Activation checkpointing wraps the graph, inside the module call, so module hooks (FSDP2's
+    unshard and reshard) run once and the recompute reads the parameters FSDP2 unsharded for
+    backward."""
+
+    def forward(self, *activations):
+        seg, feeds = self.__dict__["_autotp_run"]
+        mode = self.__dict__.get("_autotp_checkpoint")
+
+        def run(*acts):
+            return seg.gm.forward(*acts, *(_read(f) for f in feeds))
+
+        if mode is not None and self.training and torch.is_grad_enabled():
+            return checkpoint(run, *activations, use_reentrant=False, context_fn=_checkpoint_context(mode))
+        return run(*activations)
+
+
+_BLOCK_CLASSES: dict[type, type] = {}
+
+
+def _rank_local_block(module: nn.Module) -> nn.Module:
+    """``module`` as a rank-local block: a shallow copy whose class is a subclass of its own
+    (``isinstance(block, LlamaDecoderLayer)`` holds, as for FSDP2's ``FSDPLlamaDecoderLayer``)
+    with ``RankLocalBlock``'s forward.  Forward hooks on the original stay with the original;
+    a block's own checkpointing flag (Hugging Face's) is handled by autotp, so it is off here."""
+    cls = type(module)
+    if cls not in _BLOCK_CLASSES:
+        try:
+            _BLOCK_CLASSES[cls] = type(cls.__name__, (RankLocalBlock, cls), {"__module__": cls.__module__})
+        except TypeError:                     # a class that cannot be subclassed this way
+            _BLOCK_CLASSES[cls] = type(cls.__name__, (RankLocalBlock,), {})
+    block = _share_children(module)
+    block.__class__ = _BLOCK_CLASSES[cls]
+    for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if k in block.__dict__:
+            block.__dict__[k] = type(block.__dict__[k])()
+    block.__dict__["_compiled_call_impl"] = None
+    if "gradient_checkpointing" in block.__dict__:
+        block.__dict__["gradient_checkpointing"] = False
+    return block
+
+
+def _checkpoint_mode(mode: str | None) -> str | None:
+    if mode not in (None, "full", "selective"):
+        raise AutoTPError(f"activation_checkpointing={mode!r}: use None, 'full' (recompute each block in "
+                          f"backward) or 'selective' (save matmul, attention and collective outputs, recompute "
+                          f"the rest)")
+    return mode
+
+
+def _model_checkpointing(mode: str | None, model: nn.Module, slots: list, plan: Plan) -> str | None:
+    """The activation checkpointing a ParallelModule starts with: ``mode``, or "full" when the
+    model's own flag (Hugging Face's ``gradient_checkpointing``) is on; noted in the plan."""
+    mode = _checkpoint_mode(mode)
+    flagged = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if mode is None and flagged:
+        mode = "full"
+        plan.ctx.note("the model has gradient checkpointing on: each block is recomputed in backward "
+                      "(activation_checkpointing='full'; pass 'selective' to keep matmul and collective outputs)")
+    if mode is not None and not any(slots):
+        plan.ctx.note(f"activation_checkpointing={mode!r} asked for, but the graph has no repeated blocks to "
+                      f"checkpoint: every activation is kept")
+        return None
+    return mode
+
+
+def _checkpoint_context(mode: str):
+    """torch.utils.checkpoint's context for ``mode``: none for "full"; for "selective" the op-level
+    policy (torchtitan's): matmuls, attention and collectives are saved, so backward recomputes
+    only pointwise ops, norms and views, and runs no collective twice."""
+    if mode == "full":
+        return noop_context_fn
+    return functools.partial(create_selective_checkpoint_contexts, _save_policy)
+
+
+def _save_policy(ctx, op, *args, **kwargs):
+    name = getattr(op, "name", lambda: str(op))()
+    save = op in _SAVED_OPS or name.startswith("_c10d_functional::") or name.startswith("autotp::") \
+        or "scaled_dot_product" in name or "grouped_mm" in name
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}
 
 
 def _monomial(expr) -> tuple | None:

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from autotp import comm
 from autotp.placement import R, fmt
-from autotp.passes.context import PassContext
+from autotp.passes.context import PassContext, block_path
 from autotp.passes.redistribute import steps
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.views import RESHAPES
@@ -47,6 +47,13 @@ def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
+def _after(graph: fx.Graph, t: fx.Node, consumer: fx.Node):
+    """Where a collective of ``t`` for ``consumer`` goes: right after ``t``, or, for a graph input
+    (a parameter), right before its first consumer (nodes run in order, so the first consumer
+    met is the earliest) — where its block reads it, so the block stays one run of the graph."""
+    return graph.inserting_before(consumer) if t.op == "placeholder" else graph.inserting_after(t)
+
+
 def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     made: dict[tuple, fx.Node] = {}
@@ -75,10 +82,10 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             elif step.fn in comm.TOKEN_COLLECTIVES:
                 dim, (exprs, k) = step.args
                 sizes = [_size_node(graph, e, size_nodes) for e in exprs]
-                with graph.inserting_after(cur):
+                with _after(graph, cur, consumer):
                     new = graph.call_function(step.fn, (cur, dim, k, ctx.group, *extra, *sizes))
             else:
-                with graph.inserting_after(cur):
+                with _after(graph, cur, consumer):
                     new = graph.call_function(step.fn, (cur, *step.args, ctx.group, *extra))
             new.meta["val"], new.meta["autotp_val"] = t.meta["val"], val(t)
             _copy_meta(t if t.op != "placeholder" else consumer, new)   # it belongs to the producer
@@ -94,7 +101,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     def grad_reduced(t: fx.Node, consumer: fx.Node) -> fx.Node:
         key = (t, "f")
         if key not in made:
-            with graph.inserting_after(t):
+            with _after(graph, t, consumer):
                 new = graph.call_function(comm.reduce_grad, (t, ctx.group))
             new.meta["val"], new.meta["autotp_val"] = t.meta["val"], val(t)
             _copy_meta(consumer, new)
@@ -161,23 +168,31 @@ def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
 def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
     """Replicated parameters used inside sharded ops (norm scales under sequence parallelism,
     biases added to sharded activations) each get Megatron's f: a small all-reduce of their
-    gradient.  Bucket them: ``reduce_grad(cat(p1.flatten(), p2.flatten(), ...))`` and each use
-    reads its slice — one all-reduce per step (when the last of these gradients is ready, at the
-    end of backward), not one per parameter; the forward costs a copy of these small tensors."""
+    gradient.  Bucket them per block (a decoder layer, ``block_path``; the root's part is one
+    more): ``reduce_grad(cat(p1.flatten(), p2.flatten(), ...))`` and each use reads its slice —
+    one all-reduce per block in backward, not one per parameter; the forward costs a copy of
+    these small tensors.  Per block, not per step: the bucket sits in its block, so a block
+    reads only its own parameters and stays one unit for FSDP2 and activation checkpointing."""
     fs = [n for n in graph.nodes if n.op == "call_function" and n.target is comm.reduce_grad
           and n.args[0].op == "placeholder" and n.args[0].name in ctx.params]
-    if len(fs) < 2 or len({val(f.args[0]).dtype for f in fs}) != 1:
-        return
+    by_block: dict = {}
+    for f in fs:
+        by_block.setdefault(block_path(f), []).append(f)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for group in by_block.values():
+        if len(group) >= 2 and len({val(f.args[0]).dtype for f in group}) == 1:
+            _bucket(graph, group, min(group, key=order.__getitem__), ctx)
+
+
+def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext) -> None:
+    """One ``reduce_grad`` for the parameters ``fs`` reduce, placed before ``first`` (the earliest)."""
     params = [f.args[0] for f in fs]
-    cur = [n for n in graph.nodes if n.op == "placeholder"][-1]
     flats = []
     for p in params:
-        with graph.inserting_after(cur):
-            cur = graph.call_function(torch.ops.aten.reshape.default, (p, [-1]))
-        flats.append(cur)
-    with graph.inserting_after(cur):
+        with graph.inserting_before(first):
+            flats.append(graph.call_function(torch.ops.aten.reshape.default, (p, [-1])))
+    with graph.inserting_before(first):
         cat = graph.call_function(torch.ops.aten.cat.default, (flats,))
-    with graph.inserting_after(cat):
         bucket = graph.call_function(comm.reduce_grad, (cat, ctx.group))
     total = sum(val(p).numel() for p in params)
     like = val(params[0])
@@ -185,6 +200,7 @@ def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
                  (bucket, like.new_empty(total))]:
         n.meta["val"] = n.meta["autotp_val"] = v
         n.meta["autotp"] = {"placement": R}
+        _copy_meta(fs[0], n)
     bucket.meta["autotp"].update(collective="reduce_grad", forward=None, backward="all_reduce",
                                  reason=f"{len(params)} replicated parameters feed sharded ops: their gradients are "
                                         f"partial sums, all-reduced together in one bucket")

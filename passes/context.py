@@ -44,6 +44,20 @@ def layer_index(path: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def block_path(node: fx.Node) -> str | None:
+    """The module path of the repeated block (a decoder layer) that ``node`` runs in, or None.
+
+    A block is a module held in a list: the outermost entry of the node's module stack whose
+    path ends in a list index (``model.layers.3``, ``encoder.block.0``).  PyTorch names the
+    children of ``nn.ModuleList`` / ``nn.Sequential`` by their index, so this reads the model's
+    structure, not its names.  Outermost: a MoE layer's list of experts stays inside its layer."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        path = path.replace("L['self'].", "").replace("L['self']", "")
+        if path.rpartition(".")[2].isdigit():
+            return path
+    return None
+
+
 def node_layer(node: fx.Node, params: dict) -> int | None:
     """Decoder-layer index of a node: a parameter's name, or the node's module path."""
     return layer_index(params.get(node.name) if node.op == "placeholder" else module_path(node))

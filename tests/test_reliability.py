@@ -291,8 +291,11 @@ def _failing_rank(rank, world, how: str):
     ids = _ids(2, 8)
     if rank == 1:
         if how == "raises":
-            gm = pmodel.graph_module
-            object.__setattr__(pmodel, "graph_module", lambda *a: _FailAfterFirstCollective(gm).run(*a))
+            # the first part of the rank-local program that communicates (the root's, or a layer's)
+            seg = next(s for s in pmodel._segments
+                       if any("collective" in n.meta.get("autotp", {}) for n in s.gm.graph.nodes))
+            gm = copy.copy(seg.gm)
+            seg.gm.forward = lambda *a: _FailAfterFirstCollective(gm).run(*a)
             pmodel(ids)                                        # raises: this process dies with it
         time.sleep(3 * PG_TIMEOUT_S)                           # stalls: alive and silent, then leaves
         return {"rank 1": "stalled"}
