@@ -70,6 +70,15 @@ def cmd_plan(args) -> int:
         text = report(plan, batch=args.batch, seq=args.seq, dtype=args.dtype, link=args.link, fmt=args.format,
                       device=args.device, full_layers=full_layers)
     print(text)
+    if args.memory:
+        from autotp.report import DTYPES
+        if args.layers is not None and args.layers != full_layers:
+            print(f"note: memory for the {args.layers} planned layers, not the model's {full_layers}")
+        checkpointing = None if args.checkpointing == "none" else args.checkpointing
+        with _status(f"simulating a training step on the meta device (batch {args.batch} x seq {args.seq}) ..."):
+            est = plan.memory(args.batch, args.seq, DTYPES[args.dtype], optimizer=args.optimizer, dp=args.dp,
+                              activation_checkpointing=checkpointing, device_gb=args.device_gb)
+        print(est.text())
     return 0
 
 
@@ -139,6 +148,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="h100-sxm", choices=sorted(DEVICES), help="peak FLOP/s preset")
     p.add_argument("--format", default="text", choices=["text", "markdown", "json"])
     p.add_argument("--inference", action="store_true", help="forward only: no backward collectives")
+    p.add_argument("--memory", action="store_true",
+                   help="also the per-rank peak memory of a training step and whether it fits --device-gb")
+    p.add_argument("--dp", type=int, default=1, help="FSDP2 data-parallel degree over which parameters, gradients "
+                   "and optimizer state are sharded (with --memory; default 1)")
+    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"],
+                   help="activation checkpointing per layer (with --memory)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
+    p.add_argument("--device-gb", type=float, default=80.0, help="device memory to check the peak against")
     p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("dump", help="write each pass's graph as text and SVG")

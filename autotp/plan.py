@@ -160,6 +160,19 @@ class Plan:
         from autotp.passes.solve import activation_mib
         return activation_mib(self.gm, self.ctx)
 
+    def memory(self, batch: int, seq: int, dtype: torch.dtype = torch.bfloat16, optimizer: str | None = "adamw",
+               dp: int = 1, activation_checkpointing: str | None = None, device_gb: float = 80.0,
+               master_dtype: torch.dtype | None = None):
+        """Per-rank peak memory of a training step and its parts (``autotp.memory.MemoryEstimate``):
+        parameters, gradients and optimizer state (sharded over ``dp`` by FSDP2 per layer), the
+        activations this rank's program keeps (run on the meta device at ``batch`` x ``seq``,
+        checkpointed as asked), the largest transients, and whether it fits ``device_gb``.
+        ``master_dtype``: the sharded parameters', gradients' and optimizer state's dtype (fp32
+        master weights under mixed precision; default ``dtype``)."""
+        from autotp.memory import estimate
+        return estimate(self, batch, seq, dtype, optimizer, dp, activation_checkpointing, device_gb,
+                        master_dtype=master_dtype)
+
     def size_divisors(self) -> list[tuple]:
         """``(size expression, divisor, node, placement)`` for every tensor the plan splits along a
         symbolic dim (sequence parallelism splits ``seq``): at run time that size must divide by

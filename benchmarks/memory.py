@@ -1,7 +1,9 @@
-"""Per-rank memory: loading a checkpoint (each rank reads only its slices), and a training
-step's parameters, gradients and activations with and without sequence parallelism.
+"""Per-rank memory: loading a checkpoint (each rank reads only its slices), a training step's
+parameters, gradients and activations with and without sequence parallelism, and
+``Plan.memory``'s estimate against measured peaks plus the Llama-3-70B table.
 
     python benchmarks/memory.py [--worlds 2 4] [--hidden 1024 --layers 8] [--skip-load] [--skip-step]
+    python benchmarks/memory.py --estimate
 
 Second table (``--skip-load`` runs only it): a small Llama (d256, 4 layers, batch 4 x seq 256,
 fp32) on N = 1, 2, 4 gloo ranks, plain tensor parallelism and ``sequence_parallel=True``.
@@ -126,6 +128,110 @@ def step_table(worlds, tmp) -> None:
                   f"{saved / 1e6:>14.2f} {predicted / 1e6:>13.2f} {saved / base:>13.2f}")
 
 
+# ---------------------------------------------------------------- the estimate against measured peaks
+
+ESTIMATE_MODEL = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+ESTIMATE_BATCH, ESTIMATE_SEQ = 2, 64          # per dp rank
+
+
+def estimate_vs_measured(rank, world, tmp, layouts, cfg=None, batch=ESTIMATE_BATCH, seq=ESTIMATE_SEQ):
+    """For each (dp, activation_checkpointing) in ``layouts`` (tp = world / dp): parallelise a Llama,
+    FSDP2 per layer when dp > 1, AdamW; one warm-up step (the optimizer state exists), then measure
+    the next step's peak (``autotp.memory.measure_step``: the state at rest + what forward, loss,
+    backward and the optimizer step allocate) next to ``Plan.memory``'s estimate.  Rank 0 writes
+    rows (world, dp, tp, checkpointing, measured, estimated, estimate parts) to tmp/estimate{world}.txt."""
+    import autotp
+    import torch.nn.functional as F
+    from autotp.memory import measure_step
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = cfg or ESTIMATE_MODEL
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, f"est{world}"), world), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    rows = []
+    for dp, checkpointing in layouts:
+        mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+        ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(rank // (world // dp)))
+        pmodel = autotp.parallelize(model, (ids,), mesh=mesh, activation_checkpointing=checkpointing)
+        if dp > 1:
+            for layer in pmodel.blocks():
+                fully_shard(layer, mesh=mesh["dp"])
+            fully_shard(pmodel, mesh=mesh["dp"])
+        opt = torch.optim.AdamW(pmodel.parameters(), lr=1e-3)
+
+        def step():
+            F.cross_entropy(pmodel(ids).logits.flatten(0, 1), ids.flatten()).backward()
+            opt.step()
+
+        step()
+        opt.zero_grad()
+        measured = measure_step(pmodel, opt, step)
+        opt.zero_grad()
+        est = pmodel.plan.memory(batch, seq, torch.float32, "adamw", dp=dp, activation_checkpointing=checkpointing)
+        peaks = torch.tensor([float(measured["peak"])])
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)             # the fullest rank
+        rows.append((world, dp, world // dp, checkpointing, peaks.item(), est.peak,
+                     {k: getattr(est, k) for k in ("parameters", "gradients", "optimizer", "activations",
+                                                   "forward_peak", "backward_peak", "gathered")}))
+        del pmodel, model, opt
+    if rank == 0:
+        with open(os.path.join(tmp, f"estimate{world}.txt"), "w") as f:
+            f.write(repr(rows))
+    dist.destroy_process_group()
+
+
+ESTIMATE_LAYOUTS = {1: [(1, None), (1, "full"), (1, "selective")], 2: [(1, None), (1, "full")],
+                    4: [(1, None), (1, "full"), (2, None), (2, "full"), (2, "selective")]}
+
+
+def run_estimates(tmp, layouts=ESTIMATE_LAYOUTS) -> list:
+    rows = []
+    for world, todo in layouts.items():
+        mp.start_processes(estimate_vs_measured, args=(world, tmp, todo), nprocs=world, start_method="fork")
+        rows += eval(open(os.path.join(tmp, f"estimate{world}.txt")).read())
+    return rows
+
+
+def estimate_table(tmp) -> None:
+    c = ESTIMATE_MODEL
+    print(f"\nEstimate vs measured peak per rank: Llama d{c['hidden_size']} x {c['num_hidden_layers']} layers, vocab "
+          f"{c['vocab_size']}, batch {ESTIMATE_BATCH} x seq {ESTIMATE_SEQ} per dp rank, fp32, AdamW, FSDP2 per layer "
+          f"when dp > 1 (gloo, the fullest rank; kB = 1e3 bytes)")
+    print(f"{'tp':>3} {'dp':>3} {'checkpointing':>13} {'measured kB':>12} {'estimate kB':>12} {'error':>7} "
+          f"{'acts kB':>8} {'params kB':>10}")
+    for world, dp, tp, ac, measured, est, parts in run_estimates(tmp):
+        print(f"{tp:>3} {dp:>3} {str(ac):>13} {measured / 1e3:>12.0f} {est / 1e3:>12.0f} "
+              f"{est / measured - 1:>+7.1%} {parts['activations'] / 1e3:>8.0f} {parts['parameters'] / 1e3:>10.0f}")
+
+
+def table_70b() -> None:
+    """Llama-3-70B (80 layers, meta device), TP 8, bf16 parameters, gradients and AdamW state."""
+    import time
+    from autotp.__main__ import load_config, plan_from_config
+    cfg, _ = load_config(os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "llama-70b.json"))
+    t0 = time.perf_counter()
+    plan = plan_from_config(cfg, 8)
+    print(f"\nLlama-3-70B, TP 8, batch 1 per dp rank, bf16 compute, FSDP2 per layer over dp, AdamW; "
+          f"GB = 1e9 bytes; planned in {time.perf_counter() - t0:.1f} s.  'bf16': parameters, gradients and "
+          f"optimizer state in bf16; 'fp32 master': in fp32 (mixed precision, torchtitan's setup)")
+    print(f"{'seq':>5} {'dp':>3} {'checkpointing':>13} {'acts':>6} {'params':>7} {'bf16 peak':>10} {'fits':>5} "
+          f"{'fp32 master peak':>17} {'fits':>5}")
+    for seq in (4096, 8192):
+        for ac in (None, "full", "selective"):
+            for dp in (1, 4, 16):
+                e = plan.memory(1, seq, torch.bfloat16, "adamw", dp=dp, activation_checkpointing=ac)
+                m = plan.memory(1, seq, torch.bfloat16, "adamw", dp=dp, activation_checkpointing=ac,
+                                master_dtype=torch.float32)
+                print(f"{seq:>5} {dp:>3} {str(ac):>13} {e.activations / 1e9:>6.1f} {e.parameters / 1e9:>7.1f} "
+                      f"{e.peak / 1e9:>10.1f} {'yes' if e.fits else 'no':>5} {m.peak / 1e9:>17.1f} "
+                      f"{'yes' if m.fits else 'no':>5}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
@@ -133,11 +239,18 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--skip-load", action="store_true", help="only the training-step table")
     ap.add_argument("--skip-step", action="store_true", help="only the checkpoint-loading table")
+    ap.add_argument("--estimate", action="store_true",
+                    help="only the memory estimate: against measured peaks, and the Llama-3-70B table")
     args = ap.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = dict(model_type="llama", vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=8)
     print(f"machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    if args.estimate:
+        with tempfile.TemporaryDirectory() as tmp:
+            estimate_table(tmp)
+        table_70b()
+        return
     if not args.skip_step:
         with tempfile.TemporaryDirectory() as tmp:
             step_table(sorted({1, *args.worlds}), tmp)

@@ -166,6 +166,8 @@ def _scale(q: Tensor, scale: float | None) -> float:
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
               scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
     """SDPA without dropout, on the fastest exact backend (see the module docstring)."""
+    if q.is_meta:                   # memory simulation (autotp.memory): what a fused kernel allocates
+        return _attention_fake(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     backend, why = select_backend(q, k, v, attn_mask, is_causal, enable_gqa)
     _record(backend, why, q)
     out = _run(backend, q, k, v, attn_mask, is_causal, _scale(q, scale), enable_gqa)
@@ -192,6 +194,8 @@ def _backward(ctx, grad_out: Tensor):
     """
     q, k, v, attn_mask = ctx.saved_tensors
     needs = (*ctx.needs_input_grad, False, False, False, False)[:4]     # short when called with 3 args
+    if q.is_meta:                   # memory simulation: a fused backward allocates the gradients, no L x L
+        return (*(torch.empty_like(t) if n else None for t, n in zip((q, k, v, attn_mask), needs)), None, None, None)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) if t is not None else None
                   for t, n in zip((q, k, v, attn_mask), needs)]
