@@ -3,6 +3,7 @@
     pmodel = autotp.parallelize(model, example_inputs=(ids,))    # inside torchrun
     plan = autotp.plan(model, example_inputs=(ids,), world_size=8)  # no process group needed
     out = autotp.generate(pmodel, prompt, max_new_tokens=16)      # greedy, KV cache split by heads
+    loss = autotp.cross_entropy(logits, labels)                   # on vocab-sharded logits, no gather
 
 The public API is this module; everything else may change.
 """
@@ -18,12 +19,13 @@ from autotp.placement import Grid, Partial, Replicate, Shard, fmt
 from autotp.plan import Plan, make_plan
 from autotp.runtime import DEFAULT_TIMEOUT, ParallelModule, clip_grad_norm_, tp_mesh
 from autotp.generation import generate
+from autotp.loss import cross_entropy
 from autotp.passes.context import AutoTPError
 from autotp.passes.rules import Strategy, register_rule
 
 __all__ = ["parallelize", "plan", "generate", "Plan", "ParallelModule", "AutoTPError", "register_rule", "Strategy",
            "Shard", "Replicate", "Partial", "Grid", "fmt", "init_empty_weights", "load_checkpoint", "full_state_dict",
-           "clip_grad_norm_"]
+           "clip_grad_norm_", "cross_entropy"]
 __version__ = "0.1.0"
 
 

@@ -28,7 +28,16 @@ function               forward                      backward
 ``gather_tokens_rs``   L -> R   all-gather           reduce-scatter
 ``reduce_scatter_      P -> L   reduce-scatter       all-gather
 tokens``
+``sharded_amax``       S(d) -> R  max over the      none (a shift: no gradient)
+                       sharded dim: all-reduce max
+``sharded_logsumexp``  S(d) -> R  log-sum-exp over  own slice of the softmax
+                       the sharded dim: all-reduce  (local)
+                       sum of exp
 =====================  ===========================  ===========================
+
+``sharded_amax`` and ``sharded_logsumexp`` are a log-softmax over a vocab-sharded dim
+(``passes/rules/loss.py``, ``autotp.cross_entropy``): two all-reduces of a (batch, seq) tensor
+instead of an all-gather of the (batch, seq, vocab) logits.
 
 ``moe_dispatch`` / ``moe_combine`` move rows of variable count: the split sizes come from the
 routing (``offs``, each expert's end row on this rank's tokens) and are exchanged once per
@@ -59,8 +68,8 @@ def _group_name(group) -> str:
 
 # ---- raw (non-autograd) collectives along an arbitrary dim, with strided-shard layout ----
 
-def _ar(x: torch.Tensor, group) -> torch.Tensor:
-    return _wait(_c10d.all_reduce(x.contiguous(), "sum", _group_name(group)))
+def _ar(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    return _wait(_c10d.all_reduce(x.contiguous(), op, _group_name(group)))
 
 
 def _ag(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
@@ -180,6 +189,27 @@ class _AllToAll(torch.autograd.Function):
         return _a2a(g, dst_dim, src_dim, group, world), None, None, None, None, None
 
 
+class _ShardedLogSumExp(torch.autograd.Function):
+    """log(sum(exp(x))) over ``dim``, which is split over the ranks: each rank sums exp of its
+    slice (shifted by the global max ``shift`` for stability) and one all-reduce adds the sums.
+    Backward: d lse / d x = softmax(x), of which this rank's slice is exp(x - lse) — local, given
+    the full gradient of lse (replicated, as for any R tensor; a sharded consumer's partial
+    gradient is all-reduced first by ``reduce_grad``)."""
+    @staticmethod
+    def forward(ctx, x, shift, dim, group):
+        shift = shift.masked_fill(shift.abs() == float("inf"), 0.0)   # as torch.logsumexp: all -inf
+        total = _ar(torch.exp(x - shift).sum(dim, keepdim=True), group)    # (.., 1, ..)
+        lse = shift + torch.log(total)
+        ctx.save_for_backward(x, lse)
+        ctx.dim = dim
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        x, lse = ctx.saved_tensors
+        return g * torch.exp(x - lse), None, None, None
+
+
 # ---- the functions the rewritten graph calls (names show in dumps and goldens) ----
 
 def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
@@ -190,6 +220,20 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
     """R used inside a sharded op (Megatron's f): identity forward, all-reduce backward."""
     return _ReduceGrad.apply(x, group)
+
+
+def sharded_amax(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """S(dim) -> R: the max over ``dim`` (kept, size 1) of a tensor split along it: the local
+    max, all-reduced with max.  No gradient: it is only the shift of a log-sum-exp, whose value
+    does not depend on it."""
+    return _ar(x.detach().amax(dim, keepdim=True), group, "max")
+
+
+def sharded_logsumexp(x: torch.Tensor, shift: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """S(dim) -> R: ``torch.logsumexp(x, dim, keepdim=True)`` of a tensor split along ``dim``,
+    given its global max ``shift`` (``sharded_amax``): one all-reduce of the sums of exp; local
+    backward (``_ShardedLogSumExp``)."""
+    return _ShardedLogSumExp.apply(x, shift, dim, group)
 
 
 # Shape-changing collectives take the world size and this rank as plain ints (the rewritten
@@ -364,4 +408,4 @@ def expert_grouped_mm(x: torch.Tensor, w_local: torch.Tensor, offs: torch.Tensor
 
 
 COLLECTIVES = (all_reduce, reduce_grad, all_gather, all_gather_rs, scatter, reduce_scatter, all_to_all,
-               moe_dispatch, moe_combine) + TOKEN_COLLECTIVES
+               moe_dispatch, moe_combine, sharded_amax, sharded_logsumexp) + TOKEN_COLLECTIVES

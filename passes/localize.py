@@ -25,6 +25,7 @@ from autotp.passes.rules import val
 class LocalContext:
     world: int
     rank: int
+    group: str = "tp"          # the collectives' process group (a hook that inserts collectives)
 
 
 def expected_local_shape(node: fx.Node, world: int):
@@ -38,7 +39,7 @@ def expected_local_shape(node: fx.Node, world: int):
 
 
 def localize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    lctx = LocalContext(ctx.world, ctx.rank)
+    lctx = LocalContext(ctx.world, ctx.rank, ctx.group)
     for node in gm.graph.nodes:
         strategy = node.meta.get("autotp", {}).get("strategy")
         if strategy is not None and strategy.localize is not None and node.op == "call_function":

@@ -14,6 +14,7 @@ Where a rule lives:
 ``matmul.py``      linear, mm, bmm, matmul, baddbmm, einsum (einsum-style specs)
 ``reductions.py``  sum/mean/amax, softmax, layer_norm, rms_norm, cumsum, topk, sort
 ``embedding.py``   embedding (vocab-parallel and hidden-parallel)
+``loss.py``        log_softmax, cross_entropy, nll_loss over a sharded class dim (vocab-parallel loss)
 ``attention.py``   scaled_dot_product_attention (heads / batch split)
 ``moe.py``         grouped matmul over stacked expert weights
 ``indexing.py``    index_copy (a static KV cache's update)
@@ -168,6 +169,7 @@ def dedupe(strategies: Iterable[Strategy]) -> list[Strategy]:
 
 # import the rule modules so their @register_rule calls run
 from autotp.passes.rules import pointwise, views, matmul, reductions, embedding, attention, moe, indexing  # noqa: E402,F401
+from autotp.passes.rules import loss  # noqa: E402,F401
 
 __all__ = ["Strategy", "RuleContext", "register_rule", "find_rule", "tensor_inputs", "RULES",
            "replicate_strategy", "dedupe", "val", "R", "P", "S", "D"]

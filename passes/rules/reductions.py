@@ -1,7 +1,8 @@
 """Reductions and normalisations.
 
 A reduction over unsharded dims keeps the shard (renumbered); a *sum* over the sharded dim
-leaves a ``Partial`` sum.  Softmax, norms, cumsum, sort and top-k need their own dims whole.
+leaves a ``Partial`` sum.  Softmax, norms, cumsum, sort and top-k need their own dims whole
+(a log-softmax may keep its dim sharded: ``loss.py``).
 """
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def keeps_dim(node: fx.Node) -> bool:
     return node.target not in (aten.argmax.default, aten.argmin.default) or _keepdim(node)
 
 
-@register_rule(aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
-               aten.cumsum.default, aten.cumprod.default, aten.argmax.default, aten.argmin.default)
+@register_rule(aten._softmax.default, aten.softmax.int, aten.cumsum.default, aten.cumprod.default,
+               aten.argmax.default, aten.argmin.default)
 def softmax_rule(node, ctx):
     dim = along_dim(node)
     if dim is None or not keeps_dim(node):
