@@ -41,8 +41,10 @@ def _layer_key(raw: dict) -> str:
     return next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in raw), "num_hidden_layers")
 
 
-def plan_from_config(cfg, tp: int, *, training: bool = True, sequence_parallel: bool = False):
-    """Build the model on the meta device and plan it for ``tp`` ranks."""
+def plan_from_config(cfg, tp: int, *, training: bool = True, sequence_parallel: bool = False, labels: bool = False):
+    """Build the model on the meta device and plan it for ``tp`` ranks.  ``labels``: the example
+    passes ``labels=`` so the loss is in the graph, with sharded outputs (a training step reads
+    the loss; the logits may stay split along the vocabulary)."""
     import torch
     from transformers import AutoModelForCausalLM
     import autotp
@@ -51,7 +53,9 @@ def plan_from_config(cfg, tp: int, *, training: bool = True, sequence_parallel: 
     # Example ids on the meta device too: a vocab-parallel embedding of meta weights with CPU ids
     # fails the local-shape check (meta/cpu device mismatch).
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device="meta")
-    return autotp.plan(model, (ids,), world_size=tp, training=training, sequence_parallel=sequence_parallel)
+    kwargs = {"labels": torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device="meta")} if labels else None
+    return autotp.plan(model, (ids,), kwargs, world_size=tp, training=training, sequence_parallel=sequence_parallel,
+                       sharded_outputs=labels)
 
 
 def _status(text: str):
@@ -65,7 +69,7 @@ def cmd_plan(args) -> int:
     cfg, _ = load_config(args.config, args.layers)
     with _status(f"planning {args.config} for TP {args.tp} (capture, rules, solver) ..."):
         plan = plan_from_config(cfg, args.tp, training=not args.inference,
-                                sequence_parallel=args.sequence_parallel)
+                                sequence_parallel=args.sequence_parallel, labels=args.labels)
     with _status("computing the report ..."):
         text = report(plan, batch=args.batch, seq=args.seq, dtype=args.dtype, link=args.link, fmt=args.format,
                       device=args.device, full_layers=full_layers)
@@ -148,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="h100-sxm", choices=sorted(DEVICES), help="peak FLOP/s preset")
     p.add_argument("--format", default="text", choices=["text", "markdown", "json"])
     p.add_argument("--inference", action="store_true", help="forward only: no backward collectives")
+    p.add_argument("--labels", action="store_true", help="plan with labels= so the loss is in the graph, and "
+                   "sharded outputs: the vocab-parallel loss, no gather of the logits")
     p.add_argument("--memory", action="store_true",
                    help="also the per-rank peak memory of a training step and whether it fits --device-gb")
     p.add_argument("--dp", type=int, default=1, help="FSDP2 data-parallel degree over which parameters, gradients "

@@ -214,6 +214,42 @@ def attention_scores(plan, batch: int, seq: int, dtype: torch.dtype) -> dict | N
     return None
 
 
+# ---------------------------------------------------------------- vocab-parallel loss
+
+def vocab_loss(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, link) -> list[dict]:
+    """Per log-softmax / loss over a class dim the plan keeps sharded (``passes/rules/loss.py``):
+    its collectives, next to the all-gather of its input (the logits) that the op needs with its
+    classes whole — what a plan without the rule moves: B = numel x itemsize, wire (N-1)/N x B
+    per rank, forward only (the gather's backward keeps this rank's chunk)."""
+    lk, n = cost.get_link(link), plan.world
+    ops: dict[str, list] = collections.defaultdict(list)
+    inputs = {}
+    for node in plan.rewritten().graph.nodes:
+        op = node.meta.get("autotp", {}).get("sharded_classes")
+        if op is not None:
+            ops[op].append(node.name)
+            if getattr(node.target, "__name__", "") == "sharded_amax":
+                inputs[op] = node.args[0]
+    out = []
+    for op, names in ops.items():
+        mine = [r for r in rows if r["node"] in names]
+        x = inputs[op]
+        expr = sympy.Integer(element_bytes(val(x).dtype, dtype))
+        for s in plan._sym_shape(x):
+            expr = expr * s
+        gather = evaluate(expr, batch, seq)
+        steps = [r for r in mine for phase in ("forward", "backward") if r[phase]]
+        out.append(dict(op=op, input=x.name, shape="(" + ", ".join(str(s) for s in plan._sym_shape(x)) + ")",
+                        count=len(steps), bytes=sum(r["bytes"] for r in steps),
+                        wire_bytes=sum(r[ph + "_factor"] * r["bytes"] for r in mine for ph in ("forward", "backward")
+                                       if r[ph]),
+                        time_s=sum(r["forward_time_s"] + r["backward_time_s"] for r in mine),
+                        gather_bytes_expr=str(expr), gather_bytes=gather,
+                        gather_wire_bytes=cost.factor(cost.ALL_GATHER, n) * gather,
+                        gather_time_s=cost.collective_time(cost.ALL_GATHER, gather, n, lk)))
+    return out
+
+
 # ---------------------------------------------------------------- experts
 
 def experts(plan, rows: list[dict], batch: int, seq: int, dtype: torch.dtype, link) -> dict | None:
@@ -396,6 +432,7 @@ def report_data(plan, *, batch: int, seq: int, dtype=torch.bfloat16, link="nvlin
         activations=activations(plan, batch, seq, dtype),
         attention=attention_scores(plan, batch, seq, dtype),
         experts=experts(plan, rows, batch, seq, dtype, lk),
+        vocab_loss=vocab_loss(plan, rows, batch, seq, dtype, lk),
         layer_model=model,
         scaling=scaling(model, batch, seq, dtype, DEVICES[device]) if model and model["forward"] else None,
         notes=list(plan.notes),                # replicated ops and weights, pins' cost, lowered attention

@@ -23,6 +23,8 @@ def render(data: dict, markdown: bool = False) -> str:
     _memory_section(out, data["memory"], data.get("attention"), c, data.get("activations"))
     if data.get("experts"):
         _experts_section(out, data["experts"], c)
+    if data.get("vocab_loss"):
+        _vocab_loss_section(out, data["vocab_loss"])
     if data.get("scaling"):
         _scaling_section(out, data["scaling"], data["layer_model"], data["formulas"])
     if article_numbers(data)["bytes"] == ARTICLE["bytes_per_all_reduce"]:
@@ -32,6 +34,19 @@ def render(data: dict, markdown: bool = False) -> str:
         out.heading("Plan notes")
         out.pre(data["notes"])
     return out.text()
+
+
+def _vocab_loss_section(out, ops: list[dict]) -> None:
+    out.heading("Vocab-parallel loss")
+    lines = []
+    for v in ops:
+        lines.append(f"{v['op']} on {v['input']} {v['shape']}, split along its classes: {v['count']} collectives "
+                     f"per step, B {v['bytes']:,} bytes, wire {v['wire_bytes'] / 1e6:.3g} MB/rank, "
+                     f"{v['time_s'] * 1e3:.3g} ms")
+        lines.append(f"  with its classes whole it would all-gather {v['input']}: B = {v['gather_bytes_expr']} = "
+                     f"{v['gather_bytes']:,} bytes, wire {v['gather_wire_bytes'] / 1e9:.3g} GB/rank, "
+                     f"{v['gather_time_s'] * 1e3:.3g} ms per step (forward; its backward keeps a chunk)")
+    out.pre(lines)
 
 
 def _layer_signature(rows: list[dict], layer: int) -> tuple:

@@ -288,3 +288,20 @@ def test_log_softmax_and_nll_loss_over_a_sharded_dim():
     assert kinds == ["sharded_amax", "sharded_logsumexp", "reduce_grad", "all_reduce"], kinds
     weighted = autotp.plan(Head(torch.rand(64)), (x, target), world_size=4, sharded_outputs=True)
     assert any(c.kind == "all_gather" and c.shape == (6, 64) for c in weighted.collectives())
+
+
+def test_plan_cli_with_labels_reports_the_removed_gather(capsys):
+    """``python -m autotp plan CONFIG --labels``: the loss is in the graph, the logits stay split, and
+    the report puts the loss's collectives next to the gather of the logits they replace."""
+    import json
+    from pathlib import Path
+    from autotp.__main__ import main
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama-tiny.json"
+    assert main(["plan", str(config), "--tp", "2", "--labels", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    vocab = json.loads(config.read_text())["vocab_size"]
+    [loss] = data["vocab_loss"]
+    assert loss["op"] == "cross_entropy_loss" and loss["count"] == 4           # 3 forward, 1 backward
+    assert loss["gather_bytes"] == 4 * 2048 * vocab * 2                       # (batch*seq, vocab) bf16
+    assert loss["bytes"] == 3 * 4 * 2048 * 2 + 2                              # three (batch*seq, 1), one ()
+    assert not any(str(vocab) in r["shape"] for r in data["collectives"])

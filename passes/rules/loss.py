@@ -51,14 +51,15 @@ def _class_shard(node: fx.Node, ctx: RuleContext, dim: int) -> bool:
 # ---- the rewrite: new nodes carry the meta the later passes and the plan read ----
 
 def _add(graph: fx.Graph, at: fx.Node, fn, args: tuple, like: tuple, placement, collective: dict | None = None):
-    """Insert ``fn(*args)`` before ``at``; ``like`` = (symbolic value, concrete value) of its result."""
+    """Insert ``fn(*args)`` before ``at``; ``like`` = (symbolic value, concrete value) of its result.
+    ``meta["autotp"]["sharded_classes"]`` names the op the node computes (the report groups by it)."""
     with graph.inserting_before(at):
         new = graph.call_function(fn, args)
     new.meta["val"], new.meta["autotp_val"] = like
     for key in ("stack_trace", "nn_module_stack"):
         if key in at.meta:
             new.meta[key] = at.meta[key]
-    new.meta["autotp"] = {"placement": placement, **(collective or {})}
+    new.meta["autotp"] = {"placement": placement, "sharded_classes": at.name, **(collective or {})}
     return new
 
 
@@ -99,7 +100,7 @@ def _localize_loss(node: fx.Node, strategy: Strategy, lctx) -> None:
                 (logp, target, lctx.rank * local_classes, xv.shape[dim], dim, _reduction(node), _ignore_index(node)),
                 (node.meta["val"], val(node)), P)
     node.target, node.args, node.kwargs = comm.all_reduce, (pick, lctx.group), {}
-    node.meta["autotp"].update(collective="all_reduce", forward=ALL_REDUCE, backward=None,
+    node.meta["autotp"].update(collective="all_reduce", forward=ALL_REDUCE, backward=None, sharded_classes=node.name,
                                reason=f"{pick.name} is P (each rank's targets in its classes), the loss is R")
 
 
