@@ -216,9 +216,21 @@ def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
             if d != dim:
                 nd = d if (not unbind or d < dim) else d - 1
                 strategies.append(Strategy((p,), tuple(S(nd, f) for _ in outs)))
-            elif not unbind and f % k == 0 and len({o.shape[dim] for o in outs}) == 1:
-                strategies.append(Strategy((p,), tuple(S(d, f // k) for _ in outs), localize=hook))
+            elif not unbind and (pieces := _split_factors([o.shape[dim] for o in outs], x.shape[dim], f)):
+                strategies.append(Strategy((p,), tuple(S(d, fi) for fi in pieces), localize=hook))
     return dedupe(strategies)
+
+
+def _split_factors(sizes: list[int], n: int, f: int) -> list[int] | None:
+    """Splitting a dim of size ``n`` held as ``S(d)xf`` (``f`` blocks of ``n/f``, each cut across the
+    ranks) into pieces of ``sizes``: a piece made of whole blocks is ``S(d)x(its blocks)``, so
+    ``[q|k|v]`` as ``S(d)x3`` gives three ``S(d)``, and a fused projection of ``f`` equal blocks split
+    into unequal pieces (``[q_0 q_1 | k | v]`` as ``S(d)x4``) gives ``S(d)x2, S(d), S(d)``.  None if a
+    piece would cut a block."""
+    block = n // f
+    if any(size % block for size in sizes):
+        return None
+    return [size // block for size in sizes]
 
 
 @register_rule(aten.cat.default)
@@ -276,3 +288,46 @@ def index_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
         elif is_shard(p) and p.dim % xv.ndim >= k:
             strategies.append(Strategy((p,) + rest, S(p.dim % xv.ndim + shift, split_factor(p))))
     return dedupe(strategies)
+
+
+@register_rule(aten.view_as_complex.default)
+def view_as_complex_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``(..., n, 2)`` real -> ``(..., n)`` complex: the last dim (real, imaginary) is dropped, every
+    other dim keeps its index, so a shard on any of them passes; the view is linear, so a partial
+    sum stays one.  The pair dim itself must be whole."""
+    nd = val(node.args[0]).ndim
+    return _remap(node.args[0], ctx, node, lambda d: d if d < nd - 1 else None)
+
+
+@register_rule(aten.view_as_real.default)
+def view_as_real_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``(..., n)`` complex -> ``(..., n, 2)`` real: a new trailing (real, imaginary) dim; every dim
+    of the input keeps its index."""
+    return _remap(node.args[0], ctx, node, lambda d: d)
+
+
+def _localize_repeat_interleave(node: fx.Node, strategy: Strategy, lctx) -> None:
+    """A given ``output_size`` (the repeated dim's full size) becomes the local one."""
+    if node.kwargs.get("output_size") is not None and strategy.output.dim == arg(node, 2, "dim") % val(node).ndim:
+        node.kwargs = {**node.kwargs, "output_size": node.kwargs["output_size"] // lctx.world}
+
+
+@register_rule(aten.repeat_interleave.self_int, aten.repeat_interleave.self_Tensor)
+def repeat_interleave_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``repeat_interleave(x, r, dim)``: row ``i`` of ``dim`` becomes rows ``i*r .. i*r+r-1``.  A shard
+    on another dim passes; so does one on ``dim`` itself when ``r`` is one int: the ranks' blocks of
+    ``n`` input rows become their blocks of ``n*r`` output rows (GQA's k/v repeat: a rank's kv heads
+    become the copies its query heads read), strided blocks alike.  Copies are linear: a partial
+    sum stays one.  Per-row counts (a tensor ``r``, replicated) pass shards on other dims only.
+    Without ``dim`` the input is flattened first: replicated only."""
+    x = val(node.args[0])
+    dim = arg(node, 2, "dim")
+    if dim is None:
+        return [replicate_strategy(node)]
+    dim %= x.ndim
+    per_row = len(tensor_inputs(node)) == 2
+    out = []
+    for s in _remap(node.args[0], ctx, node, lambda d: None if per_row and d == dim else d):
+        out.append(Strategy(s.inputs + (R,) * (per_row and len(s.inputs) == 1), s.output,
+                            localize=_localize_repeat_interleave if is_shard(s.output) else None))
+    return out

@@ -1,0 +1,178 @@
+"""Rules for the ops of transformers outside Hugging Face's causal LMs, checked on real tensors.
+
+Every strategy a rule returns is run: each rank's local inputs (``local_chunk`` of the full input
+under the strategy's input placement; a partial input split into random terms that sum to it),
+the node's arguments rewritten by the strategy's ``localize`` hook, the op called on them; the
+result must be the rank's piece of the full output under the strategy's output placement (for a
+partial output, the ranks' results must sum to it).  So a rule that claims a wrong strategy
+fails here, whatever the solver would have picked.
+"""
+import copy
+import types
+
+import pytest
+import torch
+import torch.fx as fx
+
+from autotp.passes.rules import RuleContext, find_rule, tensor_inputs
+from autotp.placement import P, R, S, is_shard, local_chunk, split_factor
+
+aten = torch.ops.aten
+
+
+def _record(gm: fx.GraphModule, *args) -> dict:
+    """Every node's real value on ``args``."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n] = super().run_node(n)
+            return values[n]
+
+    Recorder(gm).run(*args)
+    return values
+
+
+def _terms(t: torch.Tensor, world: int, seed: int) -> list[torch.Tensor]:
+    """``world`` random tensors that sum to ``t``."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype) for _ in range(world - 1)]
+    return parts + [t - sum(parts)]
+
+
+def check_rule(fn, args, op, candidates, world: int) -> list:
+    """Export ``fn``, run every strategy of ``op``'s rule (first node of ``op``), return them."""
+    program = torch.export.export(_Fn(fn), tuple(args), strict=False)
+    gm = program.module()
+    values = _record(gm, *args)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["autotp_val"] = node.meta["val"]
+    node = next(n for n in gm.graph.nodes if n.target == op)
+    ins = tensor_inputs(node)
+    x = values[ins[0]]                # candidates are what a producer can deliver: shards that divide
+    ctx = RuleContext(world, (), {ins[0]: {p for p in candidates if not is_shard(p)
+                                           or x.shape[p.dim] % (split_factor(p) * world) == 0}})
+    strategies = find_rule(op)(node, ctx)
+    for s in strategies:
+        terms = {a: _terms(values[a], world, i) for i, (a, p) in enumerate(zip(ins, s.inputs)) if p == P}
+        outs = []
+        for rank in range(world):
+            local_gm = copy.deepcopy(gm)
+            local = next(n for n in local_gm.graph.nodes if n.name == node.name)
+            if s.localize is not None:
+                s.localize(local, s, types.SimpleNamespace(world=world, rank=rank))
+            by_name = {a.name: (terms[a][rank] if p == P else local_chunk(values[a], p, rank, world))
+                       for a, p in zip(ins, s.inputs)}
+            call_args, call_kwargs = fx.node.map_arg((local.args, local.kwargs), lambda a: by_name[a.name])
+            outs.append(local.target(*call_args, **call_kwargs))
+        full = values[node]
+        fulls, placements = (full, s.output) if isinstance(s.output, tuple) else ((full,), (s.output,))
+        for j, (want, p) in enumerate(zip(fulls, placements)):
+            got = [o[j] if isinstance(s.output, tuple) else o for o in outs]
+            if p == P:
+                torch.testing.assert_close(sum(got), want, msg=f"{s}: partial terms do not sum to the output")
+            else:
+                for rank in range(world):
+                    # to the last bit for data movement; an op's arithmetic may round differently
+                    torch.testing.assert_close(got[rank], local_chunk(want, p, rank, world), rtol=1e-6, atol=1e-6,
+                                               msg=f"{s}, rank {rank}")
+    return strategies
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _outputs(strategies) -> set:
+    return {(tuple(s.inputs), s.output) for s in strategies}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_view_as_complex_keeps_every_dim_but_the_pair(world):
+    x = torch.randn(2, 8, 4, 8, 2)
+    got = _outputs(check_rule(torch.view_as_complex, [x], aten.view_as_complex.default,
+                              [S(0), S(2), S(3), S(2, 2), S(4), P], world))
+    assert ((S(2),), S(2)) in got and ((S(3),), S(3)) in got
+    assert (((S(2, 2),), S(2, 2)) in got) == (world == 2)    # 4 heads as 2 blocks: 2 ranks, not 4
+    assert ((P,), P) in got                          # real-linear: a sum of reals views as a sum of complex
+    assert not any(s[0] == (S(4),) for s in got)     # the (real, imaginary) pair is never split
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_view_as_real_adds_the_pair_dim(world):
+    x = torch.randn(2, 8, 4, 8, dtype=torch.complex64)
+    got = _outputs(check_rule(torch.view_as_real, [x], aten.view_as_real.default, [S(1), S(2), S(3)], world))
+    assert {((S(1),), S(1)), ((S(2),), S(2)), ((S(3),), S(3))} <= got
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_complex_rotary_product_stays_sharded_on_heads(world):
+    """torchtitan's RoPE: view as complex, multiply by the (seq, 1, hd/2) frequencies, view as real."""
+    freqs = torch.polar(torch.ones(8, 1, 4), torch.randn(8, 1, 4))
+    xq = torch.randn(2, 8, 4, 8)
+
+    def rope(x):
+        x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(x_ * freqs).flatten(3)
+
+    got = _outputs(check_rule(lambda x: torch.view_as_complex(x.reshape(2, 8, 4, 4, 2)) * freqs, [xq],
+                              aten.mul.Tensor, [S(2)], world))
+    assert any(out == S(2) for _, out in got)       # complex mul: the heads shard passes, freqs broadcast
+    check_rule(rope, [xq], aten.view_as_real.default, [S(2)], world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("output_size", [False, True])
+def test_repeat_interleave_on_the_kv_heads(world, output_size):
+    """GQA's k/v repeat: 4 kv heads, 2 copies each; a rank's kv heads become its query heads' copies."""
+    k = torch.randn(2, 4, 8, 16)
+    kw = {"output_size": 8} if output_size else {}
+    got = _outputs(check_rule(lambda t: t.repeat_interleave(2, dim=1, **kw), [k], aten.repeat_interleave.self_int,
+                              [S(0), S(1), S(1, 2), S(3), P], world))
+    assert ((S(1),), S(1)) in got and ((S(3),), S(3)) in got and ((P,), P) in got
+    assert (((S(1, 2),), S(1, 2)) in got) == (world == 2)
+
+
+def test_repeat_interleave_per_row_counts_and_flattened():
+    x = torch.randn(4, 6)
+    got = _outputs(check_rule(lambda t: t.repeat_interleave(torch.tensor([1, 2, 1, 3]), dim=0), [x],
+                              aten.repeat_interleave.self_Tensor, [S(0), S(1)], 2))
+    assert ((S(1), R), S(1)) in got and not any(s[0][0] == S(0) for s in got)
+    got = _outputs(check_rule(lambda t: t.repeat_interleave(2), [x], aten.repeat_interleave.self_int, [S(0)], 2))
+    assert all(out == R for _, out in got)          # no dim: flattened first
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_unequal_split_of_strided_blocks(world):
+    """A fused projection of 4 equal blocks ``[q0 q1 | k | v]`` held as ``S(2)x4``, split into
+    unequal pieces (q, k, v): whole blocks per piece, so q is ``S(2)x2`` and k, v are ``S(2)``."""
+    x = torch.randn(2, 8, 128)
+    got = _outputs(check_rule(lambda t: t.split([64, 32, 32], dim=-1), [x], aten.split_with_sizes.default,
+                              [S(2, 4), S(2, 2), S(2), S(1)], world))
+    assert ((S(2, 4),), (S(2, 2), S(2), S(2))) in got
+    assert ((S(2, 2),), (S(2), S(2, 1), S(2, 1))) not in got       # k would cut a block of 64
+    assert ((S(1),), (S(1), S(1), S(1))) in got
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_per_group_split_keeps_the_groups_shard(world):
+    """torchtitan's fused qkv laid out per kv group: (B, T, groups, q_per_kv + 2, hd) split unequally on
+    the per-group dim; a shard on the groups dim passes to q, k and v."""
+    x = torch.randn(2, 8, 4, 4, 16)
+    got = _outputs(check_rule(lambda t: t.split([2, 1, 1], dim=-2), [x], aten.split_with_sizes.default,
+                              [S(2)], world))
+    assert ((S(2),), (S(2), S(2), S(2))) in got
+
+
+def test_split_factors_arithmetic():
+    from autotp.passes.rules.views import _split_factors
+    assert _split_factors([64, 64, 64], 192, 3) == [1, 1, 1]
+    assert _split_factors([64, 32, 32], 128, 4) == [2, 1, 1]
+    assert _split_factors([64, 32, 32], 128, 2) is None
+    assert split_factor(S(2, 2)) == 2 and is_shard(S(2, 2))
