@@ -33,6 +33,9 @@ class Case:
     vocab: int | None = None                  # default: model.config.vocab_size
     kwargs: dict = dataclasses.field(default_factory=dict)   # parallelize options
     other_shapes: tuple = ((3, 5),)           # (batch, seq) to run after planning on (batch, seq)
+    # a model fed other inputs than token ids: ``inputs(batch, seq, seed) -> (args, kwargs)``; the
+    # loss is then the output's inner product with a fixed random tensor (every output counts)
+    inputs: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -66,6 +69,12 @@ def _loss(logits, ids, aux=None):
     return loss if aux is None else loss + aux
 
 
+def _probe_loss(logits):
+    """``<logits, w>`` for a fixed random ``w``: a loss whose gradient reaches every output element."""
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+    return (logits.float() * w).sum()
+
+
 def _aux(out):
     aux = getattr(out, "aux_loss", None)
     return aux if isinstance(aux, torch.Tensor) else None
@@ -85,24 +94,30 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
         model = case.build()
         reference = copy.deepcopy(model)
         res.matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
-        vocab = case.vocab or getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
-        ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(seed + 1))
-        ref_out = reference(ids)
+        if case.inputs is None:
+            vocab = case.vocab or getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+            ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(seed + 1))
+            args, kwargs = (ids,), {}
+            loss_of = lambda logits, aux: _loss(logits, ids, aux)  # noqa: E731
+        else:
+            args, kwargs = case.inputs(case.batch, case.seq, seed + 1)
+            loss_of = lambda logits, aux: _probe_loss(logits) if aux is None else _probe_loss(logits) + aux  # noqa: E731
+        ref_out = reference(*args, **kwargs)
         ref_logits, ref_aux = _logits(ref_out), _aux(ref_out)
-        _loss(ref_logits, ids, ref_aux).backward()
+        loss_of(ref_logits, ref_aux).backward()
         ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
 
-        pmodel = autotp.parallelize(model, (ids,), **case.kwargs)
+        pmodel = autotp.parallelize(model, args, kwargs, **case.kwargs)
         res.placements = {n: autotp.fmt(p) for n, p in pmodel.plan.placements.items()}
         res.summary = pmodel.plan.summary()
         with CommDebugMode() as fwd:
-            out = pmodel(ids)
+            out = pmodel(*args, **kwargs)
         logits, aux = _logits(out), _aux(out)
         if (aux is None) != (ref_aux is None):
             raise AssertionError(f"auxiliary loss: {aux} from the parallel model, {ref_aux} from the reference")
         if aux is not None:
             res.aux_err = abs(aux.item() - ref_aux.item()) / max(abs(ref_aux.item()), 1e-12)
-        loss = _loss(logits, ids, aux)
+        loss = loss_of(logits, aux)
         with CommDebugMode() as bwd:
             loss.backward()
         res.forward_counts, res.backward_counts = _counts(fwd), _counts(bwd)
@@ -125,10 +140,13 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
             raise AssertionError(f"parameters missing from the parallel model: {missing}")
         res.grad_err, res.worst_grad = worst, worst_name
         for b, t in case.other_shapes:
-            other = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed + 2))
+            if case.inputs is None:
+                other = (torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed + 2)),), {}
+            else:
+                other = case.inputs(b, t, seed + 2)
             with torch.no_grad():
-                want = _logits(reference(other))
-                got = _logits(pmodel(other))
+                want = _logits(reference(*other[0], **other[1]))
+                got = _logits(pmodel(*other[0], **other[1]))
             err = (got - want).abs().max().item() / want.abs().max().item()
             res.other_shape_err = err if not err <= res.other_shape_err else res.other_shape_err
     except Exception:  # noqa: BLE001 — reported to the parent process
