@@ -17,6 +17,7 @@ import inspect
 import logging
 import operator
 import os
+import traceback
 from typing import Any
 
 import sympy
@@ -142,13 +143,35 @@ def _export_or_explain(model, args: tuple, kwargs: dict, dynamic_shapes) -> Expo
                 raise
             return _export(model, args, kwargs)
     except Exception as e:  # noqa: BLE001 — re-raised with the way out
+        frame = _model_frame(e)
+        at = f"\nat {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}" if frame else ""
+        hint = _EXPORT_HINTS.get(frame.name, "") if frame else ""
         raise AutoTPError(
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}\n"
+            f"{str(e).splitlines()[0] if str(e) else ''}{at}\n{hint}"
             "What to do: autotp needs a model torch.export can trace (no data-dependent Python control "
             "flow on tensor values, no unsupported cache objects). Try model.eval(), pass use_cache=False, "
             "or rewrite the offending branch with torch.cond / torch.where. The full export error is chained "
             "below.") from e
+
+
+# torch's own model code that reads tensor values, and the argument that skips the read
+_EXPORT_HINTS = {
+    "_detect_is_causal_mask": "The mask's values are compared with a causal mask to decide whether attention "
+                              "is causal: pass tgt_is_causal=True (or is_causal=True / src_is_causal=True "
+                              "for the layer that reads it) with a causal mask, so nothing reads its values.\n",
+}
+
+# frames of the tracer itself, not of the model: an export error names the model line below them
+_TRACER_PATHS = tuple(os.sep + os.path.join("torch", p) for p in ("_", "fx", "export", "utils", "overrides.py",
+                                                                    "sym_node", "__init__.py"))
+
+
+def _model_frame(e: BaseException):
+    """The innermost frame of the model's code (``torch.nn`` counts) where export failed."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not any(p in f.filename for p in _TRACER_PATHS) and os.sep + "autotp" + os.sep not in f.filename]
+    return frames[-1] if frames else None
 
 
 def _signature(program: ExportedProgram) -> tuple[dict, dict, dict, list]:

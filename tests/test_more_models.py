@@ -142,3 +142,18 @@ def test_transformer_encoder_with_padding_mask_counts(results):
     counts = by_name["encoder"][0].forward_counts
     assert counts.get("all_reduce", 0) >= LAYERS
     assert sum(counts.values()) <= 3 * LAYERS, counts
+
+
+def test_transformer_without_tgt_is_causal_names_the_line_and_the_way_out():
+    """``nn.Transformer`` given a causal ``tgt_mask`` but no ``tgt_is_causal`` reads the mask's values
+    (``_detect_is_causal_mask``), which export cannot trace; the error says where and what to pass."""
+    import autotp
+    model = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+    src, tgt = torch.randn(2, 8, 32), torch.randn(2, 6, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(6)
+    with pytest.raises(autotp.AutoTPError) as err:
+        autotp.plan(model, (src, tgt), {"tgt_mask": mask}, world_size=2)
+    text = str(err.value)
+    assert "transformer.py:" in text and "in _detect_is_causal_mask" in text and "pass tgt_is_causal=True" in text
+    plan = autotp.plan(model, (src, tgt), {"tgt_mask": mask, "tgt_is_causal": True}, world_size=2)
+    assert plan.counts()["forward"]["all_reduce"] >= 2
