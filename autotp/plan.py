@@ -9,7 +9,7 @@ import hashlib
 import torch
 import torch.fx as fx
 
-from autotp.capture import Captured, capture
+from autotp.capture import Captured, capture, concrete
 from autotp.placement import D, R, P, X, Grid, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
 from autotp.passes.context import AutoTPError, layer_index, module_path, user_line
@@ -457,7 +457,7 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
         if node.op == "placeholder" and node.name in captured.user_inputs and isinstance(v, torch.Tensor):
             for d, size in list(enumerate(v.shape))[:2]:
                 if _static(size) is not None and not isinstance(size, int):
-                    ctx.note(f"torch.export fixed dim {d} ({'batch' if d == 0 else 'seq'}) of `{node.name}` at "
+                    ctx.note(f"torch.export fixed dim {d} of `{node.name}` (shape {list(concrete(v).shape)}) at "
                              f"{_static(size)}: the model's code depends on it, so this plan runs only at that size")
     for sym, (example, where_node, _) in captured.pinned.items():
         name = captured.symbols.get(sym, sym)
