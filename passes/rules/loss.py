@@ -20,8 +20,8 @@ same number on every rank and ``loss.item()`` means what it says.
 
 Each rewrite's collectives are nodes of the graph with their reason, as the collectives pass
 makes them, so the plan lists and the report prices them.  The solver does not see them (a
-strategy has no cost of its own): three (batch, seq)-sized all-reduces, ``vocab / 2`` times
-fewer bytes than the gather of the logits they replace.
+strategy has no cost of its own): two (batch, seq)-sized all-reduces forward, one backward
+and one of the loss, about vocab/4 times fewer bytes than the gather of the logits they replace.
 
 Not sharded over the classes (they run replicated, or sharded on another dim): class weights,
 ``label_smoothing``, probability targets, a log-softmax that casts (``dtype=`` /
@@ -76,8 +76,8 @@ def _global_lse(node: fx.Node, x: fx.Node, dim: int, lctx) -> fx.Node:
                     reason=f"{what}: the sum of the local sums of exp"))
     return _add(graph, node, comm.reduce_grad, (lse, lctx.group), like, R,
                 dict(collective="reduce_grad", forward=None, backward=ALL_REDUCE,
-                     reason=f"{lse.name} is R and feeds sharded {node.name}: its gradient is a partial sum, "
-                            f"all-reduced in backward"))
+                     reason=f"{lse.name} is R and feeds the sharded {x.name} - {lse.name}: its gradient is a "
+                            f"partial sum, all-reduced in backward"))
 
 
 def _localize_log_softmax(node: fx.Node, strategy: Strategy, lctx) -> None:
