@@ -75,15 +75,14 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     pointwise ops and norms, so no collective runs twice).  A model whose own checkpointing
     flag is on (Hugging Face's ``gradient_checkpointing_enable()``) gets "full", noted in the plan.
     """
-    # a mesh with other dims (FSDP2 on "dp"): no EP x TP grid for the experts — after fully_shard
-    # the grid parameters' gradients do not gather (full_tensor fails, torch 2.13); not verified
+    # a mesh with other dims (FSDP2 on "dp"): only placements FSDP2 describes (PassContext.dp_sharded)
     mesh = tp_mesh(mesh, timeout)
-    expert_grid = _whole_mesh(mesh)
+    dp_sharded = not _whole_mesh(mesh)
     rank0 = dist.get_rank() == 0
     p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
                   overrides=overrides, training=True, sharded_outputs=sharded_outputs,
                   sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
-                  dump=dump if rank0 else False, expert_grid=expert_grid)
+                  dump=dump if rank0 else False, dp_sharded=dp_sharded)
     if check_plan and mesh.size() > 1:
         _check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs, activation_checkpointing=activation_checkpointing)

@@ -419,9 +419,10 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
               sharded_outputs: bool = False, dynamic: bool = True, plan_batch: int = 4,
               plan_seq: int = 2048, sequence_parallel: bool = False, carried_state: dict | None = None,
-              max_activation_bytes: float | None = None, dump=None, expert_grid: bool = True) -> Plan:
-    """``expert_grid=False``: no EP x TP grid for the experts (a mesh with other dims, see
-    ``autotp.parallelize``).  ``carried_state``: {output index: input index} (positions among the flattened tensor outputs
+              max_activation_bytes: float | None = None, dump=None, dp_sharded: bool = False) -> Plan:
+    """``dp_sharded=True``: FSDP2 will shard the parameters again over another mesh dim, so no
+    placement it cannot describe (``PassContext.dp_sharded``; ``autotp.parallelize`` on the "tp"
+    dim of a larger mesh).  ``carried_state``: {output index: input index} (positions among the flattened tensor outputs
     and user inputs) for outputs that are the next value of an input, e.g. a KV cache
     (``autotp.generate``): such an input may be sharded and its output keeps its placement."""
     if world_size < 1:
@@ -448,7 +449,7 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
                       sharded_outputs=sharded_outputs, pins=canonical_pins, params=captured.params,
                       buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes,
                       size_names={sym: str(name) for sym, name in captured.symbols.items()},
-                      sequence_parallel=sequence_parallel, expert_grid=expert_grid,
+                      sequence_parallel=sequence_parallel, dp_sharded=dp_sharded,
                       max_activation_mib=None if max_activation_bytes is None else max_activation_bytes / 2**20)
     ctx.state_outputs = {o: captured.user_inputs[i] for o, i in (carried_state or {}).items()}
     from autotp.runtime import _static

@@ -92,8 +92,12 @@ class PassContext:
     size_names: size symbol -> "batch" / "seq".
     sequence_parallel: after weight memory, minimise activation memory per rank (Megatron-SP:
         the regions between sharded matmuls split along the sequence) before communication time.
-    expert_grid: stacked expert weights may also split both ways on a 2-D view of the mesh
-        (``Grid``: EP over groups x TP inside each group).
+    dp_sharded: the tensor-parallel mesh is one dim of a larger mesh, and FSDP2 shards the
+        parameters again over another dim (on their dim 0).  Then no placement FSDP2 cannot
+        describe is offered: no EP x TP ``Grid`` of the experts (its gradients did not gather,
+        torch 2.13) and no strided shard on dim 0 (``S(0)xf``, a fused bias or a kv-head-split
+        ``v_proj``: FSDP2 labels the (dp, tp) shard ``_StridedShard(0)`` twice, which does not
+        describe the layout, so ``full_tensor()`` and checkpoints of it were scrambled).
     state_outputs: output slot (index among the graph's tensor outputs) -> placeholder name of the
         user input it is the new value of (a KV cache carried from step to step): that input may
         be sharded, and the output keeps exactly its placement, never communicated.
@@ -119,7 +123,7 @@ class PassContext:
     # a cap on activation memory per rank (MiB at the planning sizes, as ``Plan.activation_mib``
     # counts it): the fastest plan within it — sequence parallelism only where the cap needs it
     max_activation_mib: float | None = None
-    expert_grid: bool = True
+    dp_sharded: bool = False
 
     @property
     def activation_terms(self) -> bool:

@@ -181,9 +181,16 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors) -> list[St
     options = [Strategy((), R)]
     for d in range(v.ndim):
         for f in factors:
-            if can_shard(v.shape[d], f, ctx.world):
-                options.append(Strategy((), S(d, f)))
-    return options + (grid_options(v, ctx.world, factors) if ctx.expert_grid else [])
+            if not can_shard(v.shape[d], f, ctx.world):
+                continue
+            if ctx.dp_sharded and f > 1:
+                ctx.note(f"FSDP2 shards the parameters over another mesh dim: no strided shard (S(d)xf) of a "
+                         f"fused parameter is offered, since FSDP2 and torch.distributed.checkpoint cannot describe "
+                         f"its pieces (first: `{name}`); such a weight is split contiguously or replicated, and its "
+                         f"blocks may be gathered")
+                continue
+            options.append(Strategy((), S(d, f)))
+    return options + ([] if ctx.dp_sharded else grid_options(v, ctx.world, factors))
 
 
 def grid_options(v: torch.Tensor, world: int, factors) -> list[Strategy]:

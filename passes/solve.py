@@ -355,7 +355,11 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 if q == p:
                     e[q, p] = lp.var(integral=False)
                     continue
-                cost = None if is_param else transition_time(q, p, nbytes, world, link, t in grad)
+                # a weight arrives in its placement, never redistributed; except that a replicated
+                # one may be sliced where FSDP2 forbids the shard itself (ctx.dp_sharded: a fused
+                # bias whose shard would be strided), its gradient gathered in backward
+                sliced = ctx.dp_sharded and q == R and is_shard(p)
+                cost = None if is_param and not sliced else transition_time(q, p, nbytes, world, link, t in grad)
                 if cost is None:
                     continue
                 e[q, p] = lp.var(integral=False)

@@ -354,5 +354,5 @@ def test_no_grid_on_the_tp_dim_of_a_larger_mesh():
     finally:
         dist.destroy_process_group()
     torch.manual_seed(0)
-    plan = make_plan(HFModel(GRID["mixtral"])(), (torch.randint(0, 128, (2, 8)),), world_size=4, expert_grid=False)
+    plan = make_plan(HFModel(GRID["mixtral"])(), (torch.randint(0, 128, (2, 8)),), world_size=4, dp_sharded=True)
     assert not any("@" in autotp.fmt(p) for p in plan.placements.values())
