@@ -115,21 +115,21 @@ class MemoryEstimate:
         return self.peak <= self.device_bytes
 
     def text(self) -> str:
-        gb = 1e9
         c = self.config
+        unit, scale = ("GB", 1e9) if self.peak >= 1e9 else ("MB", 1e6)
+        rows = [("parameters", self.parameters, "(tp shard / dp)"), ("gradients", self.gradients, ""),
+                ("optimizer state", self.optimizer, ""),
+                ("activations", self.activations, "(kept for backward, simulated on meta)"),
+                ("forward peak", self.forward_peak, "(activations + temporaries: logits, softmax)"),
+                ("backward peak", self.backward_peak, ""),
+                ("gathered layers", self.gathered, "(FSDP2 all-gather, dp > 1)")]
         lines = [f"memory per rank: tp {c['tp']} x dp {c['dp']}, batch {c['batch']} x seq {c['seq']}, "
                  f"{str(c['dtype']).replace('torch.', '')} compute, {str(c['master_dtype']).replace('torch.', '')} "
                  f"parameters/gradients/optimizer state, {c['optimizer'] or 'no optimizer'}, "
-                 f"activation checkpointing {c['activation_checkpointing']}",
-                 f"  parameters       {self.parameters / gb:9.2f} GB   (tp shard / dp)",
-                 f"  gradients        {self.gradients / gb:9.2f} GB",
-                 f"  optimizer state  {self.optimizer / gb:9.2f} GB",
-                 f"  activations      {self.activations / gb:9.2f} GB   (kept for backward, simulated on meta)",
-                 f"  forward peak     {self.forward_peak / gb:9.2f} GB   (activations + temporaries: logits, softmax)",
-                 f"  backward peak    {self.backward_peak / gb:9.2f} GB",
-                 f"  gathered layers  {self.gathered / gb:9.2f} GB   (FSDP2 all-gather, dp > 1)",
-                 f"  peak             {self.peak / gb:9.2f} GB   -> "
-                 f"{'fits' if self.fits else 'does NOT fit'} {self.device_bytes / gb:.0f} GB"]
+                 f"activation checkpointing {c['activation_checkpointing']}"]
+        lines += [f"  {name:<16} {value / scale:9.2f} {unit}   {why}".rstrip() for name, value, why in rows]
+        lines.append(f"  {'peak':<16} {self.peak / scale:9.2f} {unit}   -> {'fits' if self.fits else 'does NOT fit'} "
+                     f"{self.device_bytes / 1e9:.0f} GB")
         return "\n".join(lines)
 
 
@@ -187,6 +187,12 @@ def simulate(plan, batch: int, seq: int, activation_checkpointing: str | None = 
     owner_of = {**plan.captured.params, **plan.captured.buffers}
     segments, _ = cut(gm, owner_of)
     sizes = {sym: (batch if str(name) == "batch" else seq) for sym, name in plan.captured.symbols.items()}
+    for node in gm.graph.nodes:           # other inputs' own symbols (labels): dim 0 batch, dim 1 seq
+        v = node.meta.get("val")
+        if node.op == "placeholder" and node.name in plan.captured.user_inputs and isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape[:2]):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    sizes.setdefault(size.node.expr, batch if d == 0 else seq)
     env, params, floats = {}, {}, set()
     for node in gm.graph.nodes:
         if node.op != "placeholder":
