@@ -85,8 +85,13 @@ def _cache_classes():
 
 
 class DecodeStep(nn.Module):
-    """``(input_ids, start, key_0, value_0, ...) -> (logits of the last position, key_0', value_0', ...)``.
+    """``(input_ids [B, S], attention_mask [B, L], position_ids [B, S], start, key_0, value_0, ...)
+    -> (logits of the last position [B, 1, V], key_0', value_0', ...)``.
 
+    ``attention_mask`` covers the whole cache (1 = a real token, 0 = left padding; slots not yet
+    written may be anything: the causal mask hides them) and goes to the model as Hugging Face's
+    ``generate`` passes it, so the model's own ``create_causal_mask`` combines padding, causality
+    and sliding windows.  ``position_ids`` is present only when the model's forward takes it.
     Registers the model's children as its own, so parameter names are the model's."""
 
     def __init__(self, model: nn.Module, num_layers: int):
@@ -94,24 +99,30 @@ class DecodeStep(nn.Module):
         object.__setattr__(self, "_hf", model)
         adopt(self, model)
         object.__setattr__(self, "_cache_cls", _cache_classes())
-        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in params
+        self.takes_positions = "position_ids" in params
         self.num_layers = num_layers
 
-    def forward(self, input_ids, start, *kv):
+    def forward(self, input_ids, attention_mask, *rest):
+        position_ids, (start, *kv) = (rest[0], rest[1:]) if self.takes_positions else (None, rest)
         cache = self._cache_cls(list(kv), start)
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
-        out = self._hf(input_ids=input_ids, cache=cache, use_cache=True, **kwargs)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        out = self._hf(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return (logits[:, -1:], *cache.tensors())
 
 
-def _decode_step_class(num_layers: int):
-    """``DecodeStep`` with named cache arguments (``key_0, value_0, ...``): capture and export
-    bind dynamic shapes by parameter name."""
-    names = ["self", "input_ids", "start"] + [f"{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+def _decode_step_class(num_layers: int, takes_positions: bool):
+    """``DecodeStep`` with named arguments (``input_ids, attention_mask, [position_ids,] start,
+    key_0, value_0, ...``): capture and export bind dynamic shapes by parameter name."""
+    names = ["self", "input_ids", "attention_mask"] + (["position_ids"] if takes_positions else []) + ["start"]
+    names += [f"{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
 
-    def forward(self, input_ids, start, *kv):
-        return DecodeStep.forward(self, input_ids, start, *kv)
+    def forward(self, input_ids, attention_mask, *rest):
+        return DecodeStep.forward(self, input_ids, attention_mask, *rest)
 
     forward.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
@@ -170,23 +181,6 @@ def _probe_cache(twin: nn.Module, device: torch.device) -> list[tuple]:
     return layers
 
 
-def _unsupported_generation_options(model: nn.Module) -> list[str]:
-    gc = getattr(model, "generation_config", None)
-    if gc is None:
-        return []
-    nondefault = {"min_length": 0, "min_new_tokens": 0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-                  "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None,
-                  "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                  "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": 1.0,
-                  "num_beams": 1}
-    out = []
-    for key, default in nondefault.items():
-        value = getattr(gc, key, None)
-        if value is not None and value != default and value != []:
-            out.append(f"{key}={value!r}")
-    return out
-
-
 class Generator:
     """The decode-step plan and its rank-local graph for one ``ParallelModule``.
 
@@ -209,16 +203,22 @@ class Generator:
         twin.eval()
         dev = next(twin.parameters()).device
         layers = _probe_cache(twin, dev)
-        step = _decode_step_class(len(layers))(twin, len(layers))
+        takes_positions = "position_ids" in inspect.signature(twin.forward).parameters
+        step = _decode_step_class(len(layers), takes_positions)(twin, len(layers))
         ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_NEW, dtype=torch.long, device=dev)
+        mask = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_LEN, dtype=torch.long, device=dev)
+        positions = [torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_NEW, dtype=torch.long, device=dev)] if takes_positions else []
         start = torch.zeros((), dtype=torch.long, device=dev)
         kv = [torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_LEN, h, d, dtype=dt, device=dev)
               for h, dk, dv, dt in layers for d in (dk, dv)]
+        self.takes_positions = takes_positions
+        fixed = 3 + takes_positions                   # inputs before the cache
+        self._fixed = fixed
         names = {n for n, _ in step.named_parameters()}
         pins = {n: p for n, p in pmodel.plan.placements.items() if n in names}   # the forward's shards
         world = self.mesh.size()
-        self.plan = make_plan(step, (ids, start, *kv), world_size=world, overrides=pins, training=False,
-                              plan_seq=1, carried_state={1 + i: 2 + i for i in range(len(kv))}, dump=False)
+        self.plan = make_plan(step, (ids, mask, *positions, start, *kv), world_size=world, overrides=pins, training=False,
+                              plan_seq=1, carried_state={1 + i: fixed + i for i in range(len(kv))}, dump=False)
         if world > 1:
             from autotp import _check_same_plan
             _check_same_plan(self.plan, self.mesh)
@@ -235,7 +235,7 @@ class Generator:
         users = self.plan.captured.user_inputs
         out = []
         for node in gm.graph.nodes:
-            if node.op == "placeholder" and node.name in users[2:]:
+            if node.op == "placeholder" and node.name in users[self._fixed:]:
                 out.append((node, node.meta["autotp"]["placement"]))
         return out
 
@@ -302,60 +302,29 @@ class Generator:
                 f"KV cache placement {', '.join(heads)} (batch, length, kv_heads, head_dim)")
 
     # ---- generation
+    def step(self, input_ids, attention_mask, position_ids, start: int, cache: list) -> tuple:
+        """One run of the decode step: ``input_ids`` (B, S) written at cache slots ``start ..
+        start + S - 1``; ``attention_mask`` (B, cache length); ``position_ids`` (B, S), or None
+        when the model takes none.  Returns (last logits (B, 1, V), the new cache)."""
+        positions = [position_ids] if self.takes_positions else []
+        logits, *cache = self._run([input_ids, attention_mask, *positions,
+                                    torch.tensor(start, device=self.device), *cache])
+        return logits, cache
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, eos_token_id=None,
-                 pad_token_id=None, return_logits: bool = False):
-        """Greedy decoding: the prompt in one step, then one token per step; stops early when
-        every sequence has produced an end token (finished ones are padded), like
-        ``generate(..., do_sample=False)`` of Hugging Face.  Every rank must call it with the
-        same ``input_ids``; every rank returns the same tokens.  ``eos_token_id`` and
-        ``pad_token_id`` default to the model's ``generation_config``.  ``return_logits=True``
-        also returns each step's next-token logits (fp32, batch x vocab), as Hugging Face's
-        ``output_logits``."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
-            raise AutoTPError("input_ids must be a (batch, seq) LongTensor")
-        if max_new_tokens < 1:
-            return (input_ids, []) if return_logits else input_ids
-        bad = _unsupported_generation_options(self.pmodel.source_model)
-        if bad:
-            raise AutoTPError(f"autotp.generate does greedy decoding only; the model's generation_config asks for "
-                              f"{', '.join(bad)}")
-        gc = getattr(self.pmodel.source_model, "generation_config", None)
-        eos = eos_token_id if eos_token_id is not None else getattr(gc, "eos_token_id", None)
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=self.device)
-        pad = pad_token_id if pad_token_id is not None else getattr(gc, "pad_token_id", None)
-        if pad is None and eos.numel():
-            pad = int(eos[0])
-        if pad is not None and bool((input_ids == pad).any()) and pad not in eos.tolist():
-            raise AutoTPError(f"input_ids contain the pad token {pad}: padded prompts (an attention mask) are not "
-                              f"supported; generate prompts of equal length, or pass pad_token_id= of a token "
-                              f"they do not contain")
-        ids = input_ids.to(self.device)
-        batch, prompt = ids.shape
-        cache = self.new_cache(batch, prompt + max_new_tokens)
-        unfinished = torch.ones(batch, dtype=torch.long, device=self.device)
-        tokens, start, step_logits = ids, 0, []
-        for _ in range(max_new_tokens):
-            logits, *cache = self._run([tokens, torch.tensor(start, device=self.device), *cache])
-            start += tokens.shape[1]
-            last = logits[:, -1].float()
-            if return_logits:
-                step_logits.append(last)
-            nxt = last.argmax(-1)
-            if eos.numel():
-                nxt = nxt * unfinished + pad * (1 - unfinished)
-                unfinished = unfinished & ~torch.isin(nxt, eos)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            if eos.numel() and not bool(unfinished.any()):
-                break
-            tokens = nxt[:, None]
-        return (ids, step_logits) if return_logits else ids
+    def generate(self, input_ids: torch.Tensor, attention_mask=None, generation_config=None, **kwargs):
+        """Hugging Face's ``model.generate`` for a decoder-only model, on this decode step
+        (``autotp.decoding.decode``: greedy or sampling, left padding, stopping, processors,
+        streamer).  Every rank must call it with the same arguments and gets the same tokens."""
+        from autotp.decoding import decode
+        return decode(self, input_ids, attention_mask, generation_config, **kwargs)
 
 
-def generate(pmodel, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
-    """Greedy generation on a ``ParallelModule`` with a head-sharded KV cache (see ``Generator``).
-    The decode step is planned on the first call and kept on the module."""
-    return generator(pmodel).generate(input_ids, max_new_tokens, **kwargs)
+def generate(pmodel, input_ids: torch.Tensor, attention_mask=None, generation_config=None, **kwargs):
+    """``model.generate`` of Hugging Face on a ``ParallelModule``, with a head-sharded KV cache:
+    the same arguments (see ``autotp.decoding``) and, for greedy search, the same tokens.  The
+    decode step is planned on the first call and kept on the module."""
+    return generator(pmodel).generate(input_ids, attention_mask, generation_config, **kwargs)
 
 
 def generator(pmodel) -> Generator:

@@ -1,0 +1,221 @@
+"""Hugging Face's ``generate`` vocabulary over autotp's decode step (``autotp.generation``).
+
+    out = pmodel.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=True, top_p=0.9, seed=0)
+
+The arguments mean what they mean to ``model.generate`` of a decoder-only Hugging Face model,
+because the preparation is Hugging Face's own: the source model's ``GenerationMixin`` methods
+merge ``generation_config`` with the model's defaults and the keyword arguments, fill in special
+tokens, infer a missing attention mask, compute position ids from the mask, repeat the batch for
+``num_return_sequences``, settle ``max_length`` / ``min_length`` and build the
+``LogitsProcessorList`` and ``StoppingCriteriaList``.  None of these runs the model.  The loop is
+Hugging Face's ``_sample``: processors on the full ``(batch, vocab)`` fp32 logits of the last
+position, argmax or one multinomial draw, finished rows padded with ``pad_token_id``.
+
+Every rank runs the same loop on the same (replicated) logits, so every rank must draw the same
+random numbers: sampling uses one ``torch.Generator`` per call, seeded from ``generator=`` (a
+``torch.Generator``, used as is) or ``seed=`` (an int); with neither, rank 0 draws a seed from
+torch's global generator and broadcasts it once over the tensor-parallel group.  The multinomial
+draw then uses the same stream as Hugging Face's ``generate`` after ``torch.manual_seed(seed)``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from autotp.passes.context import AutoTPError
+
+# generation_config fields that would change what is computed in ways this loop does not do,
+# with the value that means "off" (checked after Hugging Face merged the config)
+_UNSUPPORTED = {"num_beams": 1, "penalty_alpha": None, "guidance_scale": 1.0, "output_attentions": False,
+                "output_hidden_states": False, "max_time": None, "prompt_lookup_num_tokens": None,
+                "assistant_early_exit": None, "cache_implementation": None, "token_healing": False,
+                "do_sample_with_dola": None, "dola_layers": None}
+# keyword arguments of model.generate that are not generation_config fields and that autotp takes
+_OWN = ("streamer", "tokenizer", "logits_processor", "stopping_criteria", "generator", "seed", "return_logits")
+
+
+def decode(gen, input_ids, attention_mask=None, generation_config=None, **kwargs):
+    """``model.generate(input_ids, attention_mask=..., generation_config=..., **kwargs)`` on the
+    ``Generator`` ``gen``'s decode step (see the module docstring).  Returns the token ids
+    ``(batch * num_return_sequences, length)``, or with ``return_dict_in_generate=True`` a
+    ``GenerateDecoderOnlyOutput`` with ``sequences`` and, if asked, ``scores`` / ``logits``.
+    ``return_logits=True`` (autotp's own) returns ``(ids, [per-step fp32 logits])``."""
+    hf = gen.pmodel.source_model
+    if not hasattr(hf, "_prepare_generation_config"):
+        raise AutoTPError(f"generate needs a Hugging Face model with GenerationMixin ({type(hf).__name__} has none)")
+    if isinstance(attention_mask, int) and not isinstance(attention_mask, bool):
+        # the legacy positional ``generate(ids, max_new_tokens)`` (ParallelModule.generate forwards it so)
+        kwargs.setdefault("max_new_tokens", attention_mask)
+        attention_mask = None
+    ids = _check_ids(input_ids, gen.device)
+    mask = _check_mask(attention_mask, ids)
+    own = {k: kwargs.pop(k) for k in _OWN if k in kwargs}
+    if kwargs.get("max_new_tokens") == 0:          # autotp returns the prompt (Hugging Face 5 raises)
+        return (ids, []) if own.get("return_logits") else ids
+    config, model_kwargs = _prepare_config(hf, generation_config, kwargs)
+    if model_kwargs:
+        raise AutoTPError(f"autotp.generate does not support the argument(s) {sorted(model_kwargs)} "
+                          f"(neither generation_config fields nor {list(_OWN)})")
+    unsupported = [f"{k}={getattr(config, k)!r}" for k, off in _UNSUPPORTED.items()
+                   if getattr(config, k, None) not in (off, None, False)]
+    mode = str(config.get_generation_mode()).lower()
+    if unsupported or not ("greedy" in mode or "sample" in mode):
+        raise AutoTPError(f"autotp.generate does greedy search and sampling only; got {', '.join(unsupported) or mode}")
+
+    batch = ids.shape[0]
+    model_kwargs = {"attention_mask": mask} if mask is not None else {}
+    hf._prepare_special_tokens(config, mask is not None, device=ids.device, batch_size=batch)
+    if mask is None:                               # Hugging Face infers it from pad tokens
+        mask = hf._prepare_attention_mask_for_generation(ids, config, model_kwargs)
+        model_kwargs["attention_mask"] = mask
+    positions = hf._prepare_position_ids_for_generation(ids, model_kwargs) if gen.takes_positions else None
+    if positions is not None:
+        model_kwargs["position_ids"] = positions
+    ids, model_kwargs = hf._expand_inputs_for_generation(input_ids=ids, expand_size=config.num_return_sequences,
+                                                         **model_kwargs)
+    mask, positions = model_kwargs["attention_mask"].long(), model_kwargs.get("position_ids")
+    prompt = ids.shape[1]
+    _lengths(hf, config, generation_config, kwargs, ids)
+    if prompt >= config.max_length:
+        raise AutoTPError(f"the prompt has {prompt} tokens but max_length is {config.max_length}: raise max_length "
+                          f"or pass max_new_tokens=")
+    limit = getattr(hf.config, "max_position_embeddings", None)
+    if limit is not None and config.max_length > limit and _learned_positions(hf):
+        raise AutoTPError(f"input_ids ({prompt} tokens) + max_new_tokens ({config.max_length - prompt}) exceed the "
+                          f"model's max_position_embeddings ({limit}), the longest sequence its position table holds")
+    processors = hf._get_logits_processor(generation_config=config, input_ids_seq_length=prompt,
+                                          encoder_input_ids=ids, logits_processor=own.get("logits_processor") or [],
+                                          device=ids.device, model_kwargs=model_kwargs)
+    stopping = hf._get_stopping_criteria(generation_config=config, stopping_criteria=own.get("stopping_criteria") or [],
+                                         tokenizer=own.get("tokenizer"))
+    rng = _sampling_generator(gen, own) if config.do_sample else None
+    streamer = own.get("streamer") if gen.mesh.get_local_rank() == 0 else None
+    return _sample(gen, ids, mask, positions, config, processors, stopping, rng, streamer,
+                   bool(own.get("return_logits")))
+
+
+def _sample(gen, ids, mask, positions, config, processors, stopping, rng, streamer, return_logits):
+    """Hugging Face's ``_sample`` loop, with the decode step in place of the model."""
+    batch, prompt = ids.shape
+    pad = config._pad_token_tensor
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping)
+    want_scores = config.return_dict_in_generate and config.output_scores
+    want_logits = config.return_dict_in_generate and config.output_logits
+    scores, raw, step_logits = [], [], []
+    cache = gen.new_cache(batch, config.max_length)
+    # the whole cache's mask: the prompt's, then 1 for every generated token
+    full_mask = torch.ones(batch, config.max_length, dtype=torch.long, device=ids.device)
+    full_mask[:, :prompt] = mask
+    unfinished = torch.ones(batch, dtype=torch.long, device=ids.device)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    tokens, start = ids, 0
+    while True:
+        pos = positions[:, start:] if positions is not None else None
+        logits, cache = gen.step(tokens, full_mask, pos, start, cache)
+        start += tokens.shape[1]
+        last = logits[:, -1].to(torch.float32, copy=True)             # (B, V)
+        step_scores = processors(ids, last)
+        if return_logits:
+            step_logits.append(last)
+        if want_scores:
+            scores.append(step_scores)
+        if want_logits:
+            raw.append(last)
+        if rng is not None:
+            nxt = torch.multinomial(step_scores.softmax(-1), num_samples=1, generator=rng).squeeze(1)
+        else:
+            nxt = step_scores.argmax(-1)
+        if has_eos:
+            nxt = nxt * unfinished + pad * (1 - unfinished)
+        ids = torch.cat([ids, nxt[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        unfinished = unfinished & ~stopping(ids, tuple(scores))
+        if not bool(unfinished.any()) or ids.shape[1] >= config.max_length:
+            break
+        tokens = nxt[:, None]
+        if positions is not None:                 # Hugging Face: the next position is the last + 1
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+    if streamer is not None:
+        streamer.end()
+    if return_logits:
+        return ids, step_logits
+    if config.return_dict_in_generate:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+        return GenerateDecoderOnlyOutput(sequences=ids, scores=tuple(scores) if want_scores else None,
+                                         logits=tuple(raw) if want_logits else None)
+    return ids
+
+
+# ---------------------------------------------------------------- preparation
+def _check_ids(input_ids, device) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+        raise AutoTPError("input_ids must be a (batch, seq) LongTensor")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise AutoTPError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one prompt of at "
+                          f"least one token")
+    return input_ids.to(device)
+
+
+def _check_mask(mask, ids):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise AutoTPError(f"attention_mask must have input_ids' shape {tuple(ids.shape)}, got {shape}")
+    mask = mask.to(ids.device)
+    if bool((mask[:, -1] == 0).any()):
+        raise AutoTPError("attention_mask: a row ends in padding; decoder-only generation needs left padding "
+                          "(tokenizer padding_side='left')")
+    return mask
+
+
+def _prepare_config(hf, generation_config, kwargs):
+    try:
+        return hf._prepare_generation_config(generation_config, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise AutoTPError(f"generation_config / keyword arguments: {e}") from e
+
+
+def _lengths(hf, config, generation_config, kwargs, ids) -> None:
+    """``max_length`` / ``min_length`` from ``max_new_tokens`` / ``min_new_tokens`` as Hugging Face
+    settles them (its default: 20 tokens in all, capped by ``max_position_embeddings``)."""
+    has_default_max = kwargs.get("max_length") is None and (generation_config is None or
+                                                           generation_config.max_length is None) \
+        and hf.generation_config.max_length is None
+    has_default_min = kwargs.get("min_length") is None and (generation_config is None or
+                                                           generation_config.min_length is None) \
+        and hf.generation_config.min_length is None
+    hf._prepare_generated_length(config, has_default_max_length=has_default_max,
+                                 has_default_min_length=has_default_min, model_input_name="input_ids",
+                                 input_ids_length=ids.shape[1], inputs_tensor=ids)
+
+
+def _learned_positions(hf) -> bool:
+    """Whether positions index a learned table (GPT-2's ``wpe``), where a longer sequence is an
+    index error; rotary models run past ``max_position_embeddings`` as in Hugging Face."""
+    n = getattr(hf.config, "max_position_embeddings", None)
+    return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings == n for m in hf.modules())
+
+
+def _sampling_generator(gen, own) -> torch.Generator:
+    """One ``torch.Generator`` for the whole call, the same on every rank."""
+    if own.get("generator") is not None:
+        rng = own["generator"]
+        if not isinstance(rng, torch.Generator):
+            raise AutoTPError(f"generator must be a torch.Generator, got {type(rng).__name__}")
+        return rng
+    seed = own.get("seed")
+    if seed is None:
+        drawn = torch.randint(0, 2 ** 62, (1,), dtype=torch.long)
+        if gen.mesh.size() > 1:
+            import torch.distributed as dist
+            group = gen.mesh.get_group()
+            drawn = drawn.to(gen.device)
+            dist.broadcast(drawn, src=dist.get_global_rank(group, 0), group=group)
+        seed = int(drawn.item())
+    rng = torch.Generator(device=gen.device)
+    rng.manual_seed(int(seed))
+    return rng
