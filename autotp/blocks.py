@@ -134,7 +134,7 @@ def _segment_module(gm: fx.GraphModule, inputs: list[fx.Node], nodes: list[fx.No
         ph.meta = dict(a.meta)
         env[a] = ph
         index[a] = i
-        signature.append(("in", _value_key(a.meta.get("val"))))
+        signature.append(("in", _value_key(a.meta.get("val")), repr(a.meta.get("autotp", {}).get("placement"))))
     for node in nodes:
         env[node] = graph.node_copy(node, lambda a: env[a])
         index[node] = len(index)

@@ -641,8 +641,9 @@ def _check_input(x, node: fx.Node, sizes: dict, pinned: dict | None = None):
 
 
 def _shape_names(shape) -> list:
-    return [_static(s) if _static(s) is not None else ("batch" if i == 0 else "seq" if i == 1 else str(s))
-            for i, s in enumerate(shape)]
+    """Fixed sizes as numbers, the others as export's size expression (``s0``, ``2*s1``): which
+    dims vary, without guessing what they mean (dim 1 of an image is its channels)."""
+    return [_static(s) if _static(s) is not None else str(s.node.expr) for s in shape]
 
 
 def _static(size) -> int | None:

@@ -8,6 +8,9 @@ compiled per layer (``layer.compile()`` on each of ``pmodel.blocks()``) and as o
 import argparse
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -59,15 +62,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 32])
     ap.add_argument("--whole", action="store_true", help="also torch.compile of the whole parallel model")
+    ap.add_argument("--one", type=int, nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}; Llama d64, batch 2 x seq 32, "
-          f"world 1, inductor on CPU")
-    print(f"{'layers':>6} {'compiled':>9} {'graphs':>6} {'first step s':>13} {'next step s':>12}")
+    if not args.one:
+        print(f"machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}; Llama d64, batch 2 x seq 32, "
+              f"world 1, inductor on CPU, each run in a fresh process with an empty inductor cache")
+        print(f"{'layers':>6} {'compiled':>9} {'graphs':>6} {'first step s':>13} {'next step s':>12}")
+    if args.one:                            # a child: one configuration, print its numbers
+        first, nxt, graphs = _time(args.one[0], bool(args.one[1]))
+        print(f"{first} {nxt} {graphs}")
+        return
     for layers in args.layers:
         for per_layer in (True, False) if args.whole else (True,):
-            first, nxt, graphs = _time(layers, per_layer)
-            print(f"{layers:>6} {'per layer' if per_layer else 'whole':>9} {graphs:>6} {first:>13.1f} {nxt:>12.3f}")
+            # each in a fresh process with an empty inductor cache: no graph compiled before is reused
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                out = subprocess.run([sys.executable, __file__, "--one", str(layers), str(int(per_layer))],
+                                     env=env, capture_output=True, text=True, check=True).stdout.split()
+            first, nxt, graphs = float(out[-3]), float(out[-2]), int(out[-1])
+            print(f"{layers:>6} {'per layer' if per_layer else 'whole':>9} {graphs:>6} {first:>13.1f} {nxt:>12.3f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
