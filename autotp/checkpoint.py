@@ -56,6 +56,47 @@ def init_empty_weights():
         nn.Module.register_parameter = register
 
 
+def materialize_buffers(model: nn.Module, device: torch.device) -> list[str]:
+    """Give real values to the buffers a model built under ``torch.device("meta")`` left on the
+    meta device (rotary tables: computed at init, not in checkpoints), on ``device``.
+
+    They are recomputed by the model's own initialisation code (``model._init_weights(module)``,
+    Hugging Face's, which recomputes rotary tables from the module's config), one module at a time
+    and only for modules whose parameters are all on meta (their weights come from the checkpoint
+    later).  Each buffer is filled with NaN first and checked after: one the code did not write is
+    an error naming it, never a silent garbage value.  Returns the names of the buffers made."""
+    todo: dict[nn.Module, list[str]] = {}
+    names = {}
+    for module_name, module in model.named_modules():
+        for attr, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                todo.setdefault(module, []).append(attr)
+                names[(id(module), attr)] = f"{module_name}.{attr}" if module_name else attr
+    if not todo:
+        return []
+    init = getattr(model, "_init_weights", None)
+    failed = []
+    for module, attrs in todo.items():
+        real_params = any(not p.is_meta for p in module.parameters(recurse=False))
+        if init is None or real_params or any(not module._buffers[a].is_floating_point() for a in attrs):
+            failed += [names[(id(module), a)] for a in attrs]
+            continue
+        for a in attrs:
+            b = module._buffers[a]
+            module._buffers[a] = torch.full(b.shape, float("nan"), dtype=b.dtype, device=device)
+        with torch.no_grad():
+            init(module)
+        for a in attrs:
+            if module._buffers[a].is_meta or torch.isnan(module._buffers[a]).any():
+                failed.append(names[(id(module), a)])
+    if failed:
+        raise AutoTPError(f"buffer(s) {failed} are on the meta device and the model's own initialisation code "
+                          f"(`_init_weights`) does not compute them: build the model under "
+                          f"`autotp.init_empty_weights()` instead of `torch.device('meta')` (parameters on meta, "
+                          f"buffers computed as usual), or give the buffers real values before parallelize")
+    return sorted(names.values())
+
+
 @dataclasses.dataclass
 class LoadReport:
     loaded: list[str]            # parameter names loaded

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selecti
                                     noop_context_fn)
 
 from autotp.blocks import cut
+from autotp.checkpoint import materialize_buffers
 from autotp.placement import Grid, P, R, fmt, local_chunk
 from autotp.plan import Plan
 from autotp.passes.context import AutoTPError
@@ -130,6 +131,10 @@ class ParallelModule(nn.Module):
         super().__init__()
         self.check_inputs = check_inputs      # debug: all ranks must pass identical inputs
         self.config = getattr(model, "config", None)
+        made = materialize_buffers(model, _mesh_device(mesh))
+        if made:
+            plan.ctx.note(f"buffers on the meta device computed by the model's own init code on "
+                          f"{_mesh_device(mesh)}: {', '.join(made)}")
         adopt(self, model)
         rank, world = mesh.get_local_rank(), mesh.size()
         object.__setattr__(self, "plan", plan)

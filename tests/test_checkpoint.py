@@ -50,8 +50,19 @@ def _load_worker(rank, world, tmp, family, result_dir):
     plain = AutoModelForCausalLM.from_config(_config(family))
     plain.load_state_dict(full)
     err_full = ((plain(ids).logits - want).abs().max() / want.abs().max()).item()
+    # built the torchtitan way: everything on meta, rotary tables included; the model's own init
+    # code computes them on the run device, and the first forward and generate match one device
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(family))
+    pmodel = autotp.parallelize(model, (ids,))
+    autotp.load_checkpoint(pmodel, os.path.join(tmp, "ckpt"))
+    on_meta = [n for n, b in pmodel.named_buffers() if b.is_meta]
+    err_meta = ((pmodel(ids).logits - want).abs().max() / want.abs().max()).item()
+    same_tokens = bool((pmodel.generate(ids, max_new_tokens=3) ==
+                        ref.generate(ids, max_new_tokens=3, do_sample=False)).all())
     torch.save({"err": err, "err_full": err_full, "read": report.bytes_read, "full_bytes": full_bytes,
-                "names": list(dict(pmodel.named_parameters()))}, os.path.join(result_dir, f"{rank}.pt"))
+                "names": list(dict(pmodel.named_parameters())), "on_meta": on_meta, "err_meta": err_meta,
+                "same_tokens": same_tokens}, os.path.join(result_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -64,6 +75,7 @@ def test_meta_start_and_sliced_load(family, world):
         for r in range(world):
             res = torch.load(os.path.join(tmp, f"{r}.pt"))
             assert res["err"] <= TOL and res["err_full"] <= TOL, res
+            assert res["on_meta"] == [] and res["err_meta"] <= TOL and res["same_tokens"], res
             # each rank read about its shard, not the model (replicated norms and biases on top)
             assert res["read"] < 0.75 * res["full_bytes"], (res["read"], res["full_bytes"])
 
@@ -178,3 +190,19 @@ def _keys(ckpt_dir):
     from safetensors import safe_open
     with safe_open(os.path.join(ckpt_dir, "model.safetensors"), framework="pt") as f:
         return list(f.keys())
+
+
+def test_meta_buffers_the_init_code_cannot_compute_are_refused():
+    """A buffer the model's own init code does not write is an error naming it, never garbage."""
+    import autotp
+    from autotp.checkpoint import materialize_buffers
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), Table())
+    with pytest.raises(autotp.AutoTPError, match=r"\['1.table'\].*init_empty_weights"):
+        materialize_buffers(model, torch.device("cpu"))
