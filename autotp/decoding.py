@@ -35,19 +35,32 @@ _UNSUPPORTED = {"num_beams": 1, "penalty_alpha": None, "guidance_scale": 1.0, "o
 _OWN = ("streamer", "tokenizer", "logits_processor", "stopping_criteria", "generator", "seed", "return_logits")
 
 
-def decode(gen, input_ids, attention_mask=None, generation_config=None, **kwargs):
-    """``model.generate(input_ids, attention_mask=..., generation_config=..., **kwargs)`` on the
+def decode(gen, input_ids, *args, attention_mask=None, generation_config=None, **kwargs):
+    """``model.generate(input_ids, attention_mask, generation_config, **kwargs)`` on the
     ``Generator`` ``gen``'s decode step (see the module docstring).  Returns the token ids
     ``(batch * num_return_sequences, length)``, or with ``return_dict_in_generate=True`` a
     ``GenerateDecoderOnlyOutput`` with ``sequences`` and, if asked, ``scores`` / ``logits``.
-    ``return_logits=True`` (autotp's own) returns ``(ids, [per-step fp32 logits])``."""
+    ``return_logits=True`` (autotp's own) returns ``(ids, [per-step fp32 logits])``.
+
+    A positional int after ``input_ids`` is ``max_new_tokens`` (autotp's older signature, and how
+    ``ParallelModule.generate`` forwards its default of 20): it gives way to an explicit
+    ``max_new_tokens`` / ``max_length`` or a ``generation_config``."""
     hf = gen.pmodel.source_model
     if not hasattr(hf, "_prepare_generation_config"):
         raise AutoTPError(f"generate needs a Hugging Face model with GenerationMixin ({type(hf).__name__} has none)")
-    if isinstance(attention_mask, int) and not isinstance(attention_mask, bool):
-        # the legacy positional ``generate(ids, max_new_tokens)`` (ParallelModule.generate forwards it so)
-        kwargs.setdefault("max_new_tokens", attention_mask)
-        attention_mask = None
+    args = list(args)
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        legacy = args.pop(0)
+        if generation_config is None and "max_new_tokens" not in kwargs and "max_length" not in kwargs \
+                and not (args[1:] and args[1] is not None):
+            kwargs["max_new_tokens"] = legacy
+    if len(args) > 2:
+        raise AutoTPError(f"generate takes (input_ids, attention_mask, generation_config) positionally; "
+                          f"got {len(args) + 1} positional arguments")
+    if args:
+        attention_mask = args[0] if args[0] is not None else attention_mask
+    if len(args) > 1:
+        generation_config = args[1] if args[1] is not None else generation_config
     ids = _check_ids(input_ids, gen.device)
     mask = _check_mask(attention_mask, ids)
     own = {k: kwargs.pop(k) for k in _OWN if k in kwargs}

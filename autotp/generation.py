@@ -312,19 +312,20 @@ class Generator:
         return logits, cache
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask=None, generation_config=None, **kwargs):
+    def generate(self, input_ids: torch.Tensor, *args, **kwargs):
         """Hugging Face's ``model.generate`` for a decoder-only model, on this decode step
         (``autotp.decoding.decode``: greedy or sampling, left padding, stopping, processors,
         streamer).  Every rank must call it with the same arguments and gets the same tokens."""
         from autotp.decoding import decode
-        return decode(self, input_ids, attention_mask, generation_config, **kwargs)
+        return decode(self, input_ids, *args, **kwargs)
 
 
-def generate(pmodel, input_ids: torch.Tensor, attention_mask=None, generation_config=None, **kwargs):
-    """``model.generate`` of Hugging Face on a ``ParallelModule``, with a head-sharded KV cache:
+def generate(pmodel, input_ids: torch.Tensor, *args, **kwargs):
+    """``generate(pmodel, input_ids, attention_mask=None, generation_config=None, **kwargs)``:
+    ``model.generate`` of Hugging Face on a ``ParallelModule``, with a head-sharded KV cache:
     the same arguments (see ``autotp.decoding``) and, for greedy search, the same tokens.  The
     decode step is planned on the first call and kept on the module."""
-    return generator(pmodel).generate(input_ids, attention_mask, generation_config, **kwargs)
+    return generator(pmodel).generate(input_ids, *args, **kwargs)
 
 
 def generator(pmodel) -> Generator:
