@@ -12,6 +12,7 @@ back to a module and a line of the user's source.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -263,8 +264,32 @@ def _widen(x):
     return x
 
 
+@contextlib.contextmanager
+def caches_off(model: torch.nn.Module):
+    """``use_cache=False`` in the config of every submodule that has one, for the duration: a
+    model behind a wrapper (PEFT's ``PeftModel``, a user's module holding a Hugging Face model)
+    whose forward takes no ``use_cache`` then builds no KV-cache object, which does not export and
+    which training does not need.  Restored after."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and isinstance(getattr(c, "use_cache", None), bool)}
+    before = {k: c.use_cache for k, c in configs.items()}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c.use_cache = before[k]
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             dynamic: bool = True) -> Captured:
+    with caches_off(model):
+        return _capture(model, args, kwargs, dynamic)
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+             dynamic: bool = True) -> Captured:
     kwargs = dict(kwargs or {})
     forward = getattr(model, "forward", None)
     try:

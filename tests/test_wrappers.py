@@ -1,0 +1,107 @@
+"""Models behind a wrapper: PEFT's LoRA (``PeftModel``) and a user's module holding a Hugging
+Face model.  ``parallelize`` sees through them (the KV cache is turned off through every
+submodule's config while capturing), and the result equals one device: outputs, the adapters'
+gradients, and no gradient for the frozen base weights.  Two gloo processes."""
+import copy
+import datetime
+import os
+import pickle
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from models import build
+
+peft = pytest.importorskip("peft")
+WORLD = 2
+
+
+class Holder(torch.nn.Module):
+    """A user's wrapper: returns the Hugging Face output as it is (a cache object included)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids)
+
+
+def _lora(autotp, ids):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                      lora_dropout=0.0, init_lora_weights=False))
+    reference = copy.deepcopy(model)
+    pmodel = autotp.parallelize(model, (ids,))
+    trainable = [n for n, p in pmodel.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for p in pmodel.parameters() if p.requires_grad], lr=1e-3)
+    loss = F.cross_entropy(pmodel(ids).logits.flatten(0, 1), ids.flatten())
+    loss.backward()
+    ref_loss = F.cross_entropy(reference(ids).logits.flatten(0, 1), ids.flatten())
+    ref_loss.backward()
+    ref = dict(reference.named_parameters())
+    grads = max(((p.grad.full_tensor() - ref[n].grad).abs().max() / ref[n].grad.abs().max()).item()
+                for n, p in pmodel.named_parameters() if p.requires_grad)
+    opt.step()
+    return {"loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), "grads": grads,
+            "trainable": trainable, "optimized": sum(len(g["params"]) for g in opt.param_groups),
+            "frozen_grads": [n for n, p in pmodel.named_parameters() if not p.requires_grad and p.grad is not None]}
+
+
+def _holder(autotp, ids):
+    torch.manual_seed(0)
+    model = Holder(build("llama"))
+    reference = copy.deepcopy(model)
+    pmodel = autotp.parallelize(model, (ids,))
+    out, want = pmodel(ids).logits, reference(ids).logits
+    return {"err": ((out - want).abs().max() / want.abs().max()).item(),
+            "cache_on_again": model.model.config.use_cache}
+
+
+def _worker(rank, world, tmp):
+    import autotp
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, fn in (("lora", _lora), ("holder", _holder)):
+        try:
+            out[name] = fn(autotp, ids)
+        except Exception:  # noqa: BLE001 — reported by the parent
+            out[name] = traceback.format_exc()
+    with open(os.path.join(tmp, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(out, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(WORLD, tmp), nprocs=WORLD, start_method="fork")
+        return [pickle.load(open(os.path.join(tmp, f"{r}.pkl"), "rb")) for r in range(WORLD)]
+
+
+def test_lora_through_peft_equals_one_device(results):
+    for rank, res in enumerate(results):
+        r = res["lora"]
+        assert isinstance(r, dict), f"rank {rank}:\n{r}"
+        print(f"rank {rank}: loss {r['loss']:.1e}, adapter gradients {r['grads']:.1e}")
+        assert r["loss"] <= 1e-5 and r["grads"] <= 1e-5, r
+        assert r["trainable"] and all("lora_" in n for n in r["trainable"]), r["trainable"]
+        assert r["optimized"] == len(r["trainable"]) == 2 * 3 * 2     # A and B, 3 targets, 2 layers
+        assert r["frozen_grads"] == [], r["frozen_grads"]
+
+
+def test_a_users_wrapper_is_seen_through(results):
+    for rank, res in enumerate(results):
+        r = res["holder"]
+        assert isinstance(r, dict), f"rank {rank}:\n{r}"
+        assert r["err"] <= 1e-5, r
+        assert r["cache_on_again"] is True          # the model's own setting is back after capture
