@@ -2,7 +2,7 @@
 
     pmodel = autotp.parallelize(model, example_inputs=(ids,))    # inside torchrun
     plan = autotp.plan(model, example_inputs=(ids,), world_size=8)  # no process group needed
-    out = autotp.generate(pmodel, prompt, max_new_tokens=16)      # greedy, KV cache split by heads
+    out = pmodel.generate(ids, attention_mask=mask, max_new_tokens=16)  # HF generate args, KV cache split by heads
     loss = autotp.cross_entropy(logits, labels)                   # on vocab-sharded logits, no gather
 
 The public API is this module; everything else may change.

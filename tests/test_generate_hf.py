@@ -66,6 +66,9 @@ def _greedy_cases(reference, pmodel, ids, mask) -> dict:
     compare("min_new_tokens", do_sample=False, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=1, min_new_tokens=4)
     compare("max_length", do_sample=False, max_length=ids.shape[1] + 3, pad_token_id=1)
     compare("repetition_penalty", do_sample=False, max_new_tokens=NEW, repetition_penalty=1.5, pad_token_id=1)
+    from transformers import GenerationConfig
+    config = GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=eos, pad_token_id=1)
+    compare("generation_config", generation_config=config)
     # sampling with a seed: the same stream as Hugging Face's after torch.manual_seed(seed)
     torch.manual_seed(1234)
     want = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_return_sequences=2, pad_token_id=1,
@@ -190,7 +193,7 @@ def per_rank():
 
 
 KEYS = [f"{name}/{world}" for world in (1, WORLD) for name in FAMILIES]
-GREEDY = ["padded", "two_eos", "min_new_tokens", "max_length", "repetition_penalty"]
+GREEDY = ["padded", "two_eos", "min_new_tokens", "max_length", "repetition_penalty", "generation_config"]
 
 
 def _result(per_rank, rank, key):
