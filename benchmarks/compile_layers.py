@@ -7,7 +7,6 @@ compiled per layer (``layer.compile()`` on each of ``pmodel.blocks()``) and as o
 """
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -16,13 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+from memory import _machine                  # benchmarks/memory.py: the CPU's model name
 
 
 def _model(layers: int):

@@ -10,20 +10,14 @@ Every variant's loss and gradients equal one device's.
 import collections
 import contextlib
 import copy
-import datetime
-import os
-import pickle
-import tempfile
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers.models.llama.modeling_llama  # noqa: F401 — imported once here, not in each forked rank
 
 from models import build
+from ranks import case, run_cases
 
 WORLD = 2
 
@@ -123,44 +117,24 @@ def _compile_per_layer(autotp, ids):
     return out
 
 
-def _worker(rank, world, tmp):
+def _cases():
     import autotp
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
-    out = {}
-    cases = {"structure": lambda: _structure(autotp, ids),
-             "none": lambda: _checkpointing(autotp, ids, None),
-             "full": lambda: _checkpointing(autotp, ids, "full"),
-             "selective": lambda: _checkpointing(autotp, ids, "selective"),
-             "wrapper": lambda: _checkpoint_wrapper(autotp, ids),
-             "compile": lambda: _compile_per_layer(autotp, ids)}
-    for name, fn in cases.items():
-        try:
-            out[name] = fn()
-        except Exception:  # noqa: BLE001 — reported by the parent
-            out[name] = traceback.format_exc()
-    with open(os.path.join(tmp, f"{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
-    dist.destroy_process_group()
+    return {"structure": lambda: _structure(autotp, ids),
+            "none": lambda: _checkpointing(autotp, ids, None),
+            "full": lambda: _checkpointing(autotp, ids, "full"),
+            "selective": lambda: _checkpointing(autotp, ids, "selective"),
+            "wrapper": lambda: _checkpoint_wrapper(autotp, ids),
+            "compile": lambda: _compile_per_layer(autotp, ids)}
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(WORLD, tmp), nprocs=WORLD, start_method="fork")
-        return [pickle.load(open(os.path.join(tmp, f"{r}.pkl"), "rb")) for r in range(WORLD)]
-
-
-def _case(results, name):
-    for rank, res in enumerate(results):
-        assert isinstance(res[name], dict), f"rank {rank}:\n{res[name]}"
-    return [res[name] for res in results]
+    return run_cases(_cases, WORLD)
 
 
 def test_layers_are_rank_local_modules_at_their_paths(results):
-    for r in _case(results, "structure"):
+    for r in case(results, "structure"):
         assert r["segments"] == [None, "model.layers.0", "model.layers.1", None], r["segments"]
         for key in ("is_block", "class_kept", "owns_its_shards", "names_kept", "source_untouched",
                     "one_graph_for_identical_layers"):
@@ -169,13 +143,13 @@ def test_layers_are_rank_local_modules_at_their_paths(results):
 
 @pytest.mark.parametrize("mode", ["none", "full", "selective", "wrapper", "compile"])
 def test_per_layer_recipes_match_one_device(results, mode):
-    for rank, r in enumerate(_case(results, mode)):
+    for rank, r in enumerate(case(results, mode)):
         print(f"rank {rank} {mode}: loss {r['loss']:.1e} grads {r['grads']:.1e} backward {r['backward']}")
         assert r["loss"] <= 1e-5 and r["grads"] <= 1e-5, r
     if mode == "wrapper":
-        assert all(r["wrapped"] == 2 and r["state_dict_names"] for r in _case(results, mode))
+        assert all(r["wrapped"] == 2 and r["state_dict_names"] for r in case(results, mode))
     if mode == "compile":
-        for r in _case(results, mode):      # compiled, without a break, one graph for both (identical) layers
+        for r in case(results, mode):      # compiled, without a break, one graph for both (identical) layers
             assert r["breaks"] == 0 and r["graphs"] == 1, r
 
 
@@ -183,6 +157,6 @@ def test_selective_checkpointing_runs_no_collective_twice(results):
     """The backward of "selective" runs exactly the collectives of no checkpointing.  "full"
     recomputes each layer up to the last tensor its backward reads (torch's checkpoint stops
     there): the attention block's all-reduce runs again, the MLP's (past it) does not."""
-    for none, full, sel in zip(*(_case(results, m) for m in ("none", "full", "selective"))):
+    for none, full, sel in zip(*(case(results, m) for m in ("none", "full", "selective"))):
         assert sel["backward"] == none["backward"], (none, sel)
         assert full["backward"].get("all_reduce", 0) == none["backward"].get("all_reduce", 0) + 2, (none, full)

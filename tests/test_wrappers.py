@@ -3,19 +3,13 @@ Face model.  ``parallelize`` sees through them (the KV cache is turned off throu
 submodule's config while capturing), and the result equals one device: outputs, the adapters'
 gradients, and no gradient for the frozen base weights.  Two gloo processes."""
 import copy
-import datetime
-import os
-import pickle
-import tempfile
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from models import build
+from ranks import case, run_cases
 
 peft = pytest.importorskip("peft")
 WORLD = 2
@@ -64,34 +58,19 @@ def _holder(autotp, ids):
             "cache_on_again": model.model.config.use_cache}
 
 
-def _worker(rank, world, tmp):
+def _cases():
     import autotp
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
-    out = {}
-    for name, fn in (("lora", _lora), ("holder", _holder)):
-        try:
-            out[name] = fn(autotp, ids)
-        except Exception:  # noqa: BLE001 — reported by the parent
-            out[name] = traceback.format_exc()
-    with open(os.path.join(tmp, f"{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
-    dist.destroy_process_group()
+    return {"lora": lambda: _lora(autotp, ids), "holder": lambda: _holder(autotp, ids)}
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(WORLD, tmp), nprocs=WORLD, start_method="fork")
-        return [pickle.load(open(os.path.join(tmp, f"{r}.pkl"), "rb")) for r in range(WORLD)]
+    return run_cases(_cases, WORLD, timeout_s=120)
 
 
 def test_lora_through_peft_equals_one_device(results):
-    for rank, res in enumerate(results):
-        r = res["lora"]
-        assert isinstance(r, dict), f"rank {rank}:\n{r}"
+    for rank, r in enumerate(case(results, "lora")):
         print(f"rank {rank}: loss {r['loss']:.1e}, adapter gradients {r['grads']:.1e}")
         assert r["loss"] <= 1e-5 and r["grads"] <= 1e-5, r
         assert r["trainable"] and all("lora_" in n for n in r["trainable"]), r["trainable"]
@@ -100,8 +79,6 @@ def test_lora_through_peft_equals_one_device(results):
 
 
 def test_a_users_wrapper_is_seen_through(results):
-    for rank, res in enumerate(results):
-        r = res["holder"]
-        assert isinstance(r, dict), f"rank {rank}:\n{r}"
+    for r in case(results, "holder"):
         assert r["err"] <= 1e-5, r
         assert r["cache_on_again"] is True          # the model's own setting is back after capture

@@ -1,0 +1,41 @@
+"""Run named cases on several gloo ranks (forked processes, a file store): the pattern the
+distributed tests share.  Each case is caught, so one failure reports its traceback and the
+others still run; the parent gets one dict per rank: case name -> result, or the traceback text."""
+import datetime
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank, world, tmp, cases, timeout_s):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    out = {}
+    for name, fn in cases().items():
+        try:
+            out[name] = fn()
+        except Exception:  # noqa: BLE001 — reported by the parent
+            out[name] = traceback.format_exc()
+    with open(os.path.join(tmp, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(out, f)
+    dist.destroy_process_group()
+
+
+def run_cases(cases, world: int, timeout_s: int = 300) -> list[dict]:
+    """``cases()`` (called in each rank, after the process group starts) -> {name: callable}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(world, tmp, cases, timeout_s), nprocs=world, start_method="fork")
+        return [pickle.load(open(os.path.join(tmp, f"{r}.pkl"), "rb")) for r in range(world)]
+
+
+def case(results: list[dict], name: str) -> list:
+    """Every rank's result of ``name``; a rank that raised fails the test with its traceback."""
+    for rank, res in enumerate(results):
+        assert not isinstance(res[name], str), f"rank {rank}:\n{res[name]}"
+    return [res[name] for res in results]
