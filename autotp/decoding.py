@@ -29,8 +29,7 @@ from autotp.passes.context import AutoTPError
 # with the value that means "off" (checked after Hugging Face merged the config)
 _UNSUPPORTED = {"num_beams": 1, "penalty_alpha": None, "guidance_scale": 1.0, "output_attentions": False,
                 "output_hidden_states": False, "max_time": None, "prompt_lookup_num_tokens": None,
-                "assistant_early_exit": None, "cache_implementation": None, "token_healing": False,
-                "do_sample_with_dola": None, "dola_layers": None}
+                "assistant_early_exit": None, "cache_implementation": None, "token_healing": False}
 # keyword arguments of model.generate that are not generation_config fields and that autotp takes
 _OWN = ("streamer", "tokenizer", "logits_processor", "stopping_criteria", "generator", "seed", "return_logits")
 
@@ -40,27 +39,12 @@ def decode(gen, input_ids, *args, attention_mask=None, generation_config=None, *
     ``Generator`` ``gen``'s decode step (see the module docstring).  Returns the token ids
     ``(batch * num_return_sequences, length)``, or with ``return_dict_in_generate=True`` a
     ``GenerateDecoderOnlyOutput`` with ``sequences`` and, if asked, ``scores`` / ``logits``.
-    ``return_logits=True`` (autotp's own) returns ``(ids, [per-step fp32 logits])``.
-
-    A positional int after ``input_ids`` is ``max_new_tokens`` (autotp's older signature, and how
-    ``ParallelModule.generate`` forwards its default of 20): it gives way to an explicit
-    ``max_new_tokens`` / ``max_length`` or a ``generation_config``."""
+    ``return_logits=True`` (autotp's own) returns ``(ids, [per-step fp32 logits])``.  A
+    positional int after ``input_ids`` is ``max_new_tokens`` (see ``_bind``)."""
     hf = gen.pmodel.source_model
     if not hasattr(hf, "_prepare_generation_config"):
         raise AutoTPError(f"generate needs a Hugging Face model with GenerationMixin ({type(hf).__name__} has none)")
-    args = list(args)
-    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
-        legacy = args.pop(0)
-        if generation_config is None and "max_new_tokens" not in kwargs and "max_length" not in kwargs \
-                and not (args[1:] and args[1] is not None):
-            kwargs["max_new_tokens"] = legacy
-    if len(args) > 2:
-        raise AutoTPError(f"generate takes (input_ids, attention_mask, generation_config) positionally; "
-                          f"got {len(args) + 1} positional arguments")
-    if args:
-        attention_mask = args[0] if args[0] is not None else attention_mask
-    if len(args) > 1:
-        generation_config = args[1] if args[1] is not None else generation_config
+    attention_mask, generation_config = _bind(args, attention_mask, generation_config, kwargs)
     ids = _check_ids(input_ids, gen.device)
     mask = _check_mask(attention_mask, ids)
     own = {k: kwargs.pop(k) for k in _OWN if k in kwargs}
@@ -70,11 +54,7 @@ def decode(gen, input_ids, *args, attention_mask=None, generation_config=None, *
     if model_kwargs:
         raise AutoTPError(f"autotp.generate does not support the argument(s) {sorted(model_kwargs)} "
                           f"(neither generation_config fields nor {list(_OWN)})")
-    unsupported = [f"{k}={getattr(config, k)!r}" for k, off in _UNSUPPORTED.items()
-                   if getattr(config, k, None) not in (off, None, False)]
-    mode = str(config.get_generation_mode()).lower()
-    if unsupported or not ("greedy" in mode or "sample" in mode):
-        raise AutoTPError(f"autotp.generate does greedy search and sampling only; got {', '.join(unsupported) or mode}")
+    _check_supported(config)
 
     batch = ids.shape[0]
     model_kwargs = {"attention_mask": mask} if mask is not None else {}
@@ -163,6 +143,37 @@ def _sample(gen, ids, mask, positions, config, processors, stopping, rng, stream
 
 
 # ---------------------------------------------------------------- preparation
+def _bind(args, attention_mask, generation_config, kwargs):
+    """(attention_mask, generation_config) from the positional arguments after ``input_ids``.
+    A leading int is ``max_new_tokens`` (autotp's older signature, and how
+    ``ParallelModule.generate`` forwards its default of 20); it gives way to an explicit
+    ``max_new_tokens`` / ``max_length`` or a ``generation_config``.  Updates ``kwargs``."""
+    args = list(args)
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        legacy = args.pop(0)
+        config_given = generation_config is not None or (len(args) > 1 and args[1] is not None)
+        if not config_given and "max_new_tokens" not in kwargs and "max_length" not in kwargs:
+            kwargs["max_new_tokens"] = legacy
+    if len(args) > 2:
+        raise AutoTPError(f"generate takes (input_ids, attention_mask, generation_config) positionally; "
+                          f"got {len(args) + 1} positional arguments")
+    if args and args[0] is not None:
+        attention_mask = args[0]
+    if len(args) > 1 and args[1] is not None:
+        generation_config = args[1]
+    return attention_mask, generation_config
+
+
+def _check_supported(config) -> None:
+    from transformers.generation.configuration_utils import GenerationMode
+    unsupported = [f"{k}={getattr(config, k)!r}" for k, off in _UNSUPPORTED.items()
+                   if getattr(config, k, None) not in (off, None, False)]
+    mode = config.get_generation_mode()
+    if unsupported or mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise AutoTPError(f"autotp.generate does greedy search and sampling only; got "
+                          f"{', '.join(unsupported) or mode}")
+
+
 def _check_ids(input_ids, device) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
         raise AutoTPError("input_ids must be a (batch, seq) LongTensor")

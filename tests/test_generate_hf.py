@@ -69,6 +69,9 @@ def _greedy_cases(reference, pmodel, ids, mask) -> dict:
     from transformers import GenerationConfig
     config = GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=eos, pad_token_id=1)
     compare("generation_config", generation_config=config)
+    # positionally, as model.generate(input_ids, attention_mask, generation_config)
+    import autotp
+    out["positional"] = (autotp.generate(pmodel, ids, mask, config).tolist(), out["generation_config"][1])
     # sampling with a seed: the same stream as Hugging Face's after torch.manual_seed(seed)
     torch.manual_seed(1234)
     want = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_return_sequences=2, pad_token_id=1,
@@ -193,7 +196,7 @@ def per_rank():
 
 
 KEYS = [f"{name}/{world}" for world in (1, WORLD) for name in FAMILIES]
-GREEDY = ["padded", "two_eos", "min_new_tokens", "max_length", "repetition_penalty", "generation_config"]
+GREEDY = ["padded", "two_eos", "min_new_tokens", "max_length", "repetition_penalty", "generation_config", "positional"]
 
 
 def _result(per_rank, rank, key):
