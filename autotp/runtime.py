@@ -288,11 +288,12 @@ class ParallelModule(nn.Module):
             outs = [self._as_dtensor(o, n) for o, n in zip(outs, self._output_nodes())]
         return pytree.tree_unflatten(list(outs), self.plan.captured.out_spec)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
-        """Greedy generation with a KV cache split by heads like k and v (``autotp.generate``):
-        the same tokens as the unsharded model's ``generate(..., do_sample=False)``."""
+    def generate(self, input_ids: torch.Tensor, *args, **kwargs):
+        """Hugging Face's ``generate`` (``input_ids, attention_mask=None, generation_config=None,
+        **kwargs``) with a KV cache split by heads like k and v (``autotp.generation``); a
+        positional int after the ids is ``max_new_tokens``."""
         from autotp.generation import generate
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return generate(self, input_ids, *args, **kwargs)
 
     def expert_load(self, *args, **kwargs) -> list[dict]:
         """Load balance of one batch: for every MoE layer, tokens routed to each expert and to

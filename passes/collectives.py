@@ -168,24 +168,28 @@ def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
 def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
     """Replicated parameters used inside sharded ops (norm scales under sequence parallelism,
     biases added to sharded activations) each get Megatron's f: a small all-reduce of their
-    gradient.  Bucket them per block (a decoder layer, ``block_path``; the root's part is one
-    more): ``reduce_grad(cat(p1.flatten(), p2.flatten(), ...))`` and each use reads its slice —
-    one all-reduce per block in backward, not one per parameter; the forward costs a copy of
-    these small tensors.  Per block, not per step: the bucket sits in its block, so a block
-    reads only its own parameters and stays one unit for FSDP2 and activation checkpointing."""
+    gradient.  Bucket them: ``reduce_grad(cat(p1.flatten(), p2.flatten(), ...))`` and each use
+    reads its slice — one all-reduce per step (when the last of these gradients is ready, at the
+    end of backward), not one per parameter; the forward costs a copy of these small tensors.
+
+    Where FSDP2 shards the parameters per layer (``ctx.dp_sharded``) a layer's parameters are
+    gathered only for the layer, so a bucket cannot read them ahead of it: one bucket per block
+    (``block_path``; the root's part is one more), inside the block, one all-reduce per layer."""
     fs = [n for n in graph.nodes if n.op == "call_function" and n.target is comm.reduce_grad
           and n.args[0].op == "placeholder" and n.args[0].name in ctx.params]
-    by_block: dict = {}
+    groups: dict = {}
     for f in fs:
-        by_block.setdefault(block_path(f), []).append(f)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for group in by_block.values():
+        groups.setdefault(block_path(f) if ctx.dp_sharded else None, []).append(f)
+    for block, group in groups.items():
         if len(group) >= 2 and len({val(f.args[0]).dtype for f in group}) == 1:
-            _bucket(graph, group, min(group, key=order.__getitem__), ctx)
+            # a block's bucket sits where the block first reads one; the model's right after its inputs
+            first = group[0] if ctx.dp_sharded else next(n for n in graph.nodes if n.op != "placeholder")
+            _bucket(graph, group, first, ctx, inside=ctx.dp_sharded)
 
 
-def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext) -> None:
-    """One ``reduce_grad`` for the parameters ``fs`` reduce, placed before ``first`` (the earliest)."""
+def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext, inside: bool) -> None:
+    """One ``reduce_grad`` for the parameters ``fs`` reduce, placed before ``first``; ``inside``:
+    the bucket belongs to the block of ``fs[0]`` (its module path), else to the model's root."""
     params = [f.args[0] for f in fs]
     flats = []
     for p in params:
@@ -200,7 +204,8 @@ def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext
                  (bucket, like.new_empty(total))]:
         n.meta["val"] = n.meta["autotp_val"] = v
         n.meta["autotp"] = {"placement": R}
-        _copy_meta(fs[0], n)
+        if inside:
+            _copy_meta(fs[0], n)
     bucket.meta["autotp"].update(collective="reduce_grad", forward=None, backward="all_reduce",
                                  reason=f"{len(params)} replicated parameters feed sharded ops: their gradients are "
                                         f"partial sums, all-reduced together in one bucket")

@@ -45,7 +45,7 @@ def _rel(got, want, floor=0.0) -> float:
     return (got - want).abs().max().item() / max(want.abs().max().item(), floor, 1e-30)
 
 
-def _setup(layers=LAYERS, hf_flag=False, checkpointing=None):
+def _setup(layers=LAYERS, hf_flag=False, checkpointing=None, sequence_parallel=False):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
     dp = mesh["dp"].get_local_rank()
@@ -56,7 +56,8 @@ def _setup(layers=LAYERS, hf_flag=False, checkpointing=None):
     mine = ids[dp * BATCH:(dp + 1) * BATCH]          # this dp rank's batch; the same on both tp ranks
     if hf_flag:
         model.gradient_checkpointing_enable()
-    pmodel = autotp.parallelize(model, (mine,), mesh=mesh, activation_checkpointing=checkpointing)
+    pmodel = autotp.parallelize(model, (mine,), mesh=mesh, activation_checkpointing=checkpointing,
+                                sequence_parallel=sequence_parallel)
     return mesh, reference, pmodel, ids, mine
 
 
@@ -66,11 +67,12 @@ def _gathered_layers(blocks) -> int:
     return sum(any(p.device_mesh.ndim == 1 for p in block.parameters()) for block in blocks)
 
 
-def _step(opt_name, checkpointing=None, per_layer=True, steps=STEPS, hf_flag=False):
+def _step(opt_name, checkpointing=None, per_layer=True, steps=STEPS, hf_flag=False, sequence_parallel=False):
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor
     from autotp.memory import LiveBytes
-    mesh, reference, pmodel, ids, mine = _setup(hf_flag=hf_flag, checkpointing=checkpointing)
+    mesh, reference, pmodel, ids, mine = _setup(hf_flag=hf_flag, checkpointing=checkpointing,
+                                                sequence_parallel=sequence_parallel)
 
     # the reference: one device, the whole batch
     ref_opt = _optimizer(opt_name, reference.parameters())
@@ -197,6 +199,8 @@ def _worker(rank, world, tmp):
     runs = {name: (lambda c=c: _step(c[0], c[1], per_layer=c[2])) for name, c in CASES.items()}
     runs["hf_flag"] = lambda: _step("sgd", None, steps=1, hf_flag=True)
     runs["strided_dcp"] = lambda: _strided_checkpoint_round_trip(tmp)
+    # sequence parallelism: the norm weights' gradient all-reduce is bucketed per layer (inside it)
+    runs["sgd_sp"] = lambda: _step("sgd", "full", sequence_parallel=True)
     for case, fn in runs.items():
         t0 = time.perf_counter()
         try:
@@ -276,3 +280,13 @@ def test_strided_shard_checkpoint_round_trip_under_fsdp2(results):
         assert "x" not in r["bias"], r            # no strided shard FSDP2 would mislabel
         assert r["after_step"] <= 1e-5, r         # full_tensor() is the one-device weight
         assert r["reloaded"] == 0.0 and r["next_loss"] == 0.0, r
+
+
+def test_sequence_parallel_with_per_layer_units(results):
+    """Under sequence parallelism the norm weights' gradient all-reduce is bucketed per layer, so
+    each layer reads only its own parameters and stays one FSDP2 unit (and a checkpoint region)."""
+    for rank, res in enumerate(results):
+        r = res["sgd_sp"]
+        assert isinstance(r, dict), f"rank {rank}:\n{r}"
+        assert r["loss"] <= 1e-5 and r["grads"] <= 1e-5 and r["params"] <= 1e-5, (rank, r)
+        assert r["most_gathered"] == 1, r["most_gathered"]
