@@ -25,12 +25,16 @@ each layer compiles one graph and reuses it for the identical layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
 
-from autotp.passes.context import block_path
+from autotp.passes.context import AutoTPError, block_path
 
 
 @dataclasses.dataclass
@@ -155,3 +159,126 @@ def _value_key(v) -> str:
 
 def _const_key(a):
     return repr(a) if not isinstance(a, torch.Tensor) else ("tensor", id(a))
+
+
+# ---------------------------------------------------------------- the rank-local modules
+
+def read_feed(feed):
+    """The value a parameter, buffer or constant feed gives the graph now."""
+    kind = feed[0]
+    if kind == "param":
+        p = getattr(feed[1], feed[2])
+        if p.device_mesh.ndim > feed[3]:        # FSDP2's sharded (dp, tp) parameter, not unsharded
+            raise _still_sharded(feed[4], p)
+        return p.to_local()
+    if kind == "buffer":
+        return getattr(feed[1], feed[2])
+    return feed[1]
+
+
+def _still_sharded(name: str, p) -> AutoTPError:
+    return AutoTPError(f"parameter `{name}` is still sharded over the mesh {p.device_mesh.mesh_dim_names} "
+                       f"({p.placements}) when the graph reads it: FSDP2 did not unshard it.  autotp reads a "
+                       f"block's parameters inside the block's module (pmodel.blocks()), and the root's inside "
+                       f"the root; a module given to fully_shard that is neither (a submodule of a layer), or a "
+                       f"parameter read outside its block, is never unsharded in time.  Apply fully_shard to "
+                       f"each of pmodel.blocks() and then to pmodel (docs/fsdp2.md)")
+
+
+def share_children(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module``: the same class and attributes, its own dicts of children,
+    parameters, buffers and hooks (which hold the same objects), so replacing a child of the
+    copy leaves ``module`` as it was."""
+    copy = module.__class__.__new__(module.__class__)
+    for k, v in module.__dict__.items():
+        copy.__dict__[k] = type(v)(v) if isinstance(v, (dict, set)) else v
+    return copy
+
+
+class RankLocalBlock(nn.Module):
+    """The forward of a block the plan cut: its part of the rewritten graph, on the activations
+    the root passes and the block's own parameters (read at call time, so FSDP2's unsharded ones).
+    Activation checkpointing wraps the graph, inside the module call, so module hooks (FSDP2's
+    unshard and reshard) run once and the recompute reads the parameters FSDP2 unsharded for
+    backward."""
+
+    def forward(self, *activations):
+        seg, feeds = self.__dict__["_autotp_run"]
+        mode = self.__dict__.get("_autotp_checkpoint")
+
+        def run(*acts):
+            return seg.gm.forward(*acts, *(read_feed(f) for f in feeds))
+
+        if mode is not None and self.training and torch.is_grad_enabled():
+            return checkpoint(run, *activations, use_reentrant=False, context_fn=checkpoint_context(mode))
+        return run(*activations)
+
+
+_BLOCK_CLASSES: dict[type, type] = {}
+
+
+def rank_local_block(module: nn.Module) -> nn.Module:
+    """``module`` as a rank-local block: a shallow copy whose class is a subclass of its own
+    (``isinstance(block, LlamaDecoderLayer)`` holds, as for FSDP2's ``FSDPLlamaDecoderLayer``)
+    with ``RankLocalBlock``'s forward.  Forward hooks on the original stay with the original;
+    a block's own checkpointing flag (Hugging Face's) is handled by autotp, so it is off here."""
+    cls = type(module)
+    if cls not in _BLOCK_CLASSES:
+        try:
+            _BLOCK_CLASSES[cls] = type(cls.__name__, (RankLocalBlock, cls), {"__module__": cls.__module__})
+        except TypeError:                     # a class that cannot be subclassed this way
+            _BLOCK_CLASSES[cls] = type(cls.__name__, (RankLocalBlock,), {})
+    block = share_children(module)
+    block.__class__ = _BLOCK_CLASSES[cls]
+    for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if k in block.__dict__:
+            block.__dict__[k] = type(block.__dict__[k])()
+    block.__dict__["_compiled_call_impl"] = None
+    if "gradient_checkpointing" in block.__dict__:
+        block.__dict__["gradient_checkpointing"] = False
+    return block
+
+
+def checkpoint_mode(mode: str | None) -> str | None:
+    if mode not in (None, "full", "selective"):
+        raise AutoTPError(f"activation_checkpointing={mode!r}: use None, 'full' (recompute each block in "
+                          f"backward) or 'selective' (save matmul, attention and collective outputs, recompute "
+                          f"the rest)")
+    return mode
+
+
+def model_checkpointing(mode: str | None, model: nn.Module, slots: list, plan) -> str | None:
+    """The activation checkpointing a ParallelModule starts with: ``mode``, or "full" when the
+    model's own flag (Hugging Face's ``gradient_checkpointing``) is on; noted in the plan."""
+    mode = checkpoint_mode(mode)
+    flagged = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if mode is None and flagged:
+        mode = "full"
+        plan.ctx.note("the model has gradient checkpointing on: each block is recomputed in backward "
+                      "(activation_checkpointing='full'; pass 'selective' to keep matmul and collective outputs)")
+    if mode is not None and not any(slots):
+        plan.ctx.note(f"activation_checkpointing={mode!r} asked for, but the graph has no repeated blocks to "
+                      f"checkpoint: every activation is kept")
+        return None
+    return mode
+
+
+def checkpoint_context(mode: str):
+    """torch.utils.checkpoint's context for ``mode``: none for "full"; for "selective" the op-level
+    policy (torchtitan's): matmuls, attention and collectives are saved, so backward recomputes
+    only pointwise ops, norms and views, and runs no collective twice."""
+    if mode == "full":
+        return noop_context_fn
+    return functools.partial(create_selective_checkpoint_contexts, _save_policy)
+
+
+def _save_policy(ctx, op, *args, **kwargs):
+    name = getattr(op, "name", lambda: str(op))()
+    save = op in _SAVED_OPS or name.startswith("_c10d_functional::") or name.startswith("autotp::") \
+        or "scaled_dot_product" in name or "grouped_mm" in name
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}

@@ -179,9 +179,8 @@ def simulate(plan, batch: int, seq: int, activation_checkpointing: str | None = 
     """Run rank ``rank``'s program forward and backward on the meta device at (batch, seq) and
     measure it with ``LiveBytes``: bytes kept at the end of forward, the forward's and the
     backward's peaks (floating-point and other bytes apart, so a dtype can rescale them)."""
-    from autotp.blocks import cut
+    from autotp.blocks import checkpoint_context, cut
     from autotp.placement import local_shape
-    from autotp.runtime import _checkpoint_context
     gm = plan.rewritten(rank)
     _to_meta(gm)
     owner_of = {**plan.captured.params, **plan.captured.buffers}
@@ -227,7 +226,7 @@ def simulate(plan, batch: int, seq: int, activation_checkpointing: str | None = 
             values = [env[n] for n in seg.inputs] + [env[n] for n in seg.owned]
             if seg.path is not None and activation_checkpointing is not None:
                 outs = checkpoint(seg.gm.forward, *values, use_reentrant=False,
-                                  context_fn=_checkpoint_context(activation_checkpointing))
+                                  context_fn=checkpoint_context(activation_checkpointing))
             else:
                 outs = seg.gm.forward(*values)
             env.update(zip(seg.outputs, outs))

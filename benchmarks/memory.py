@@ -178,7 +178,6 @@ def estimate_vs_measured(rank, world, tmp, layouts, cfg=None, batch=ESTIMATE_BAT
         rows.append((world, dp, world // dp, checkpointing, peaks.item(), est.peak,
                      {k: getattr(est, k) for k in ("parameters", "gradients", "optimizer", "activations",
                                                    "forward_peak", "backward_peak", "gathered")}))
-        del pmodel, model, opt
     if rank == 0:
         with open(os.path.join(tmp, f"estimate{world}.txt"), "w") as f:
             f.write(repr(rows))
