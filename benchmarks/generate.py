@@ -1,0 +1,101 @@
+"""Generation speed: prefill and per-token decode latency, tokens/s, at batch 1 and 16, for
+``pmodel.generate`` at N = 1, 2, 4 (gloo processes on this CPU) beside Hugging Face's own
+``generate`` of the same model on one device in the same run; and what a decode step moves.
+
+    python benchmarks/generate.py [--worlds 1 2 4] [--batches 1 16] [--prompt 32] [--new 32]
+
+Prefill = ``generate(max_new_tokens=1)`` (the prompt's forward and one token); decode per
+token = (``generate(max_new_tokens=1 + new)`` - prefill) / new.  Greedy, no padding.  The
+decode step's collectives and bytes per step come from its plan (``Generator.plan``).
+"""
+import argparse
+import datetime
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from memory import _machine                  # benchmarks/memory.py: the CPU's model name
+
+CFG = dict(model_type="llama", vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+           num_attention_heads=8, num_key_value_heads=4)
+
+
+def _timed(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _speeds(generate, ids, new: int, reps: int) -> tuple[float, float]:
+    generate(ids, 2)                                            # warm up (plans the decode step)
+    prefill = _timed(lambda: generate(ids, 1), reps)
+    full = _timed(lambda: generate(ids, 1 + new), reps)
+    return prefill, (full - prefill) / new
+
+
+def _worker(rank, world, tmp, batches, prompt, new, reps):
+    import autotp
+    from autotp.generation import generator
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, f"store{world}"), world), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
+    rows = []
+    for batch in batches:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CFG)).eval()
+        reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CFG)).eval() if rank == 0 else None
+        if reference is not None:
+            reference.load_state_dict(model.state_dict())
+        ids = torch.randint(0, CFG["vocab_size"], (batch, prompt), generator=torch.Generator().manual_seed(1))
+        pmodel = autotp.parallelize(model, (ids,))
+        with torch.no_grad():
+            ours = _speeds(lambda x, n: pmodel.generate(x, max_new_tokens=n), ids, new, reps)
+            hf = _speeds(lambda x, n: reference.generate(x, max_new_tokens=n, do_sample=False),
+                         ids, new, reps) if reference is not None else None
+        plan = generator(pmodel).plan
+        counts = plan.counts()["forward"]
+        subs = {}
+        for c in plan.collectives():
+            for sym in c.sym_bytes.free_symbols:
+                subs[sym] = batch if str(sym) == "batch" else 1 if str(sym) == "seq" else prompt + new
+        step_bytes = sum(int(c.sym_bytes.subs(subs)) for c in plan.collectives() if c.forward)
+        rows.append((batch, ours, hf, dict(counts), step_bytes))
+    if rank == 0:
+        with open(os.path.join(tmp, f"gen{world}.txt"), "w") as f:
+            f.write(repr(rows))
+    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    print(f"machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}; Llama d{CFG['hidden_size']} x "
+          f"{CFG['num_hidden_layers']} layers, vocab {CFG['vocab_size']}, fp32, prompt {args.prompt}, {args.new} new "
+          f"tokens, greedy; gloo ranks on this CPU (N > cores: ranks share cores)")
+    print(f"{'N':>2} {'batch':>5} {'prefill ms':>10} {'HF prefill':>10} {'decode ms/tok':>13} {'HF decode':>9} "
+          f"{'tok/s':>7} {'HF tok/s':>8} {'vs HF':>6}  decode step collectives (bytes)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in args.worlds:
+            mp.start_processes(_worker, args=(world, tmp, args.batches, args.prompt, args.new, args.reps),
+                               nprocs=world, start_method="spawn")
+            for batch, (pre, dec), (hpre, hdec), counts, step_bytes in eval(open(os.path.join(tmp, f"gen{world}.txt")).read()):
+                print(f"{world:>2} {batch:>5} {pre * 1e3:>10.1f} {hpre * 1e3:>10.1f} {dec * 1e3:>13.2f} "
+                      f"{hdec * 1e3:>9.2f} {batch / dec:>7.0f} {batch / hdec:>8.0f} {hdec / dec:>6.2f}  "
+                      f"{counts} ({step_bytes:,} B)")
+
+
+if __name__ == "__main__":
+    main()
