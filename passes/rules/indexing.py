@@ -21,10 +21,10 @@ aten = torch.ops.aten
 @register_rule(aten.index_copy.default)
 def index_copy_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     self_, source = val(node.args[0]), val(node.args[3])
-    dim = node.args[1] % self_.ndim
     strategies = [replicate_strategy(node)]
-    if source.ndim != self_.ndim:
+    if source.ndim != self_.ndim or self_.ndim == 0:
         return strategies
+    dim = node.args[1] % self_.ndim
     for d in range(self_.ndim):
         if d != dim and self_.shape[d] == source.shape[d] and ctx.shardable(self_.shape[d]):
             strategies.append(Strategy((S(d), R, S(d)), S(d)))

@@ -98,13 +98,24 @@ def _localize_shape(node: fx.Node, strategy: Strategy, lctx) -> None:
     node.args = (node.args[0], shape, *node.args[2:])
 
 
+def _localize_unflatten(node: fx.Node, strategy: Strategy, lctx) -> None:
+    """``unflatten(x, dim, sizes)``: the entry of ``sizes`` that the sharded output dim is."""
+    x, dim, sizes = node.args[:3]
+    dim %= val(x).ndim
+    k = strategy.output.dim - dim
+    if 0 <= k < len(sizes) and sizes[k] != -1:
+        sizes = list(sizes)
+        sizes[k] //= lctx.world
+        node.args = (x, dim, sizes, *node.args[3:])
+
+
 @register_rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
                aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints,
                aten.unflatten.int, aten.view_as.default, aten.reshape_as.default)
 def view_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     x, out = val(node.args[0]), val(node)
     needs_shape = node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-    hook = _localize_shape if needs_shape else None
+    hook = _localize_shape if needs_shape else _localize_unflatten if node.target == aten.unflatten.int else None
     if node.target in (aten.view_as.default, aten.reshape_as.default):
         return [replicate_strategy(node)]
     strategies = [replicate_strategy(node)]
@@ -113,6 +124,8 @@ def view_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
                 and size.node.expr.free_symbols} if isinstance(traced, torch.Tensor) else set()
     for p in ctx.candidates(node.args[0]):
         q = view_placement(list(x.shape), list(out.shape), p, ctx.world, symbolic)
+        if q is not None and node.target == aten.squeeze.default and is_shard(p) and x.shape[p.dim] == ctx.world:
+            continue                  # a local size-1 shard would be squeezed away with the others
         if q is not None and (p != R):
             strategies.append(Strategy((p,), q, localize=hook if is_shard(q) else None))
     return dedupe(strategies)
