@@ -10,6 +10,10 @@
 * Mesh (dp, tp): autotp splits the matrices over "tp", ``fully_shard`` per layer over "dp".
 * ``--dtype bf16``: the model itself in bf16 (weights, gradients and AdamW state; no fp32 master
   copy), planned in bf16, so every collective moves bf16.  ``--dtype fp32``: everything fp32.
+  ``--dtype bf16-mixed`` (dp > 1): planned in bf16, fp32 master weights and AdamW state, FSDP2's
+  ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` casts each layer's gathered
+  weights to bf16 and reduces gradients in fp32 (torchtitan's way).  The plan must be made in
+  bf16: the captured graph keeps the dtype casts it was traced with (RMSNorm's ``.to(input_dtype)``).
 * Loss: vocab-parallel. The logits stay split over tp (``sharded_outputs=True``) and
   ``autotp.cross_entropy`` computes the exact loss from the slices: no (batch, seq, vocab) gather.
 * Data: a token corpus (``--data`` a .npy of token ids, or a .bin of uint16 ids as nanoGPT writes
@@ -38,7 +42,7 @@ from torch.distributed.fsdp import fully_shard
 
 import autotp
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}   # the compute dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--stop-after", type=int, default=None, help="stop at this step (as if preempted)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -93,13 +97,16 @@ def make_mesh(dp: int, tp: int | None):
     return init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def shard_model(model, mesh, example_ids, checkpoint_dir=None, activation_checkpointing=None, mp_policy=None):
+def shard_model(model, mesh, example_ids, checkpoint_dir=None, activation_checkpointing=None, mp_policy=None,
+                master_dtype=None):
     """autotp over "tp" (logits left vocab-split), the checkpoint's slices, then FSDP2 over "dp":
     one unit per decoder layer and the root (embedding, final norm, head)."""
     pmodel = autotp.parallelize(model, (example_ids,), mesh=mesh, sharded_outputs=True,
                                 activation_checkpointing=activation_checkpointing)
     if checkpoint_dir is not None:
         autotp.load_checkpoint(pmodel, checkpoint_dir, allow_dtype_cast=True)
+    if master_dtype is not None:
+        pmodel.to(master_dtype)
     if mesh["dp"].size() > 1:
         kw = {} if mp_policy is None else {"mp_policy": mp_policy}
         for layer in pmodel.blocks():
@@ -108,11 +115,23 @@ def shard_model(model, mesh, example_ids, checkpoint_dir=None, activation_checkp
     return pmodel
 
 
-def load_tokens(data: str | None, vocab_size: int, seed: int, synthetic_tokens: int = 4096) -> torch.Tensor:
-    """The corpus as a 1-D int64 tensor: a file of token ids, or seeded random tokens (a small
-    corpus, so the loss falls as the model memorises it)."""
+def mixed_precision():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def load_tokens(data: str | None, vocab_size: int, seed: int, synthetic_tokens: int = 1 << 14) -> torch.Tensor:
+    """The corpus as a 1-D int64 tensor: a file of token ids, or seeded random tokens drawn from a
+    random bigram chain (each token is followed by one of 4 fixed tokens), so there is something
+    to learn: the loss can fall from ln(vocab) towards ln(4)."""
     if data is None:
-        return torch.randint(0, vocab_size, (synthetic_tokens,), generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        successors = torch.randint(0, vocab_size, (vocab_size, 4), generator=g)      # (vocab, 4)
+        pick = torch.randint(0, 4, (synthetic_tokens,), generator=g).tolist()
+        ids = [0]
+        for k in pick[1:]:
+            ids.append(successors[ids[-1], k].item())
+        return torch.tensor(ids)
     ids = np.load(data, mmap_mode="r") if data.endswith(".npy") else np.memmap(data, dtype=np.uint16, mode="r")
     return torch.from_numpy(np.asarray(ids, dtype=np.int64))
 
@@ -212,8 +231,12 @@ def train(args) -> dict[int, float]:
     tokens = load_tokens(args.data, model.config.vocab_size, args.seed)
     device = mesh.device_type
     example = global_batch(tokens, 0, args.batch, args.seq, args.seed)[:, :-1]
+    mixed = args.dtype == "bf16-mixed"
+    if mixed and dp == 1:
+        raise SystemExit("--dtype bf16-mixed needs FSDP2, --dp > 1; use --dtype bf16 on one dp rank")
     pmodel = shard_model(model, mesh, example.to(device), checkpoint_dir,
-                         None if args.activation_checkpointing == "none" else args.activation_checkpointing)
+                         None if args.activation_checkpointing == "none" else args.activation_checkpointing,
+                         mp_policy=mixed_precision() if mixed else None, master_dtype=torch.float32 if mixed else None)
     optimizer = make_optimizer(pmodel.parameters(), args)
     done = resume_checkpoint(args.ckpt_dir, pmodel, optimizer) if args.resume and args.ckpt_dir else 0
     last = min(args.steps, args.stop_after or args.steps)
