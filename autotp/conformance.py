@@ -19,9 +19,11 @@ process (no process group):
    piece of the full gradient, a replicated input's gradients are a partial sum (the gradient
    reduction the collectives pass inserts), a partial input's gradient is the full one.
 
-Strategies whose semantics need the runtime's collectives are skipped and counted: token-local
-rows (``L``) and dispatched expert rows (``X``), and hooks that insert collectives (the
-vocab-parallel loss).  A rule author runs it on a new rule as::
+Strategies whose semantics need the runtime's collectives are skipped and counted: dispatched
+expert rows (``X``, and token-local rows ``L`` should a rule offer them) and hooks that insert
+collectives (the vocab-parallel loss).  ``tokens.py``'s strategies are not asked for: they exist
+only for the symbolic sequence sizes of an exported graph (``tests/test_tokens.py`` proves them
+on models).  A rule author runs it on a new rule as::
 
     from autotp.conformance import check_rule, opinfo_samples
     samples = opinfo_samples(aten.logcumsumexp.default) + [((torch.randn(2, 8, 64), 1), {})]
@@ -37,7 +39,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import D, P, R, S, ExpertRows, Grid, TokenLocal, can_shard, fmt, is_shard, local_chunk
+from autotp.placement import D, P, R, S, X, ExpertRows, Grid, TokenLocal, can_shard, fmt, is_shard, local_chunk
 
 _FACTORS = (1, 2, 3)           # strided-shard factors offered (a fused [q|k|v] is 3, a gate/up pair 2)
 
@@ -97,12 +99,15 @@ def one_op_graph(op, args: tuple, kwargs: dict) -> tuple[fx.Graph, fx.Node, list
 
 def input_candidates(t: torch.Tensor, world: int) -> set:
     """Every placement a producer could deliver ``t`` in: R, P and D (floats), S(d)xf where the
-    dim divides, and the EP x TP Grid of a stacked (3-D) tensor where the world has a 2-D view."""
+    dim divides, X (rows dispatched to experts: offered so its strategies are counted, then
+    skipped), and the EP x TP Grid of a stacked (3-D) tensor where the world has a 2-D view."""
     out = {R}
     if t.is_floating_point() or t.is_complex():
         out |= {P, D}
     for d in range(t.ndim):
         out |= {S(d, f) for f in _FACTORS if can_shard(t.shape[d], f, world)}
+    if t.ndim == 2 and t.is_floating_point():
+        out.add(X)                       # rows dispatched to this rank's experts (a grouped matmul's input)
     if t.ndim == 3 and t.is_floating_point():
         from autotp.passes.propagate import grid_options
         out |= {s.output for s in grid_options(t, world, _FACTORS)}
@@ -153,7 +158,10 @@ def check_output(full: torch.Tensor, locals_: list[torch.Tensor], p, world: int)
         return f"rank {bad[0][0]} (R): {bad[0][1]}" if bad else None
     if p in (P, D):
         m = _close(sum(locals_), full)
-        return f"sum over ranks ({fmt(p)}): {m}" if m else None
+        if m:
+            return f"sum over ranks ({fmt(p)}): {m}"
+        overlap = sum((o != 0).to(torch.int) for o in locals_) > 1
+        return f"D: {int(overlap.sum())} elements nonzero on more than one rank" if p == D and overlap.any() else None
     if isinstance(p, Grid) and p.outer in (P, D):
         b = world // p.groups
         for j in range(b):
@@ -294,6 +302,8 @@ def check_rule(op, sample_inputs, world: int, rule=None, backward: bool = True) 
     sample ``(args, kwargs)`` of full tensors, at ``world`` simulated ranks."""
     from autotp.passes.rules import find_rule, tensor_inputs
     rule = rule or find_rule(op)
+    if rule is None:
+        raise ValueError(f"no sharding rule for {op}: register one (docs/adding-a-rule.md) or pass rule=")
     report = Conformance()
     name = str(op)
     for k, (args, kwargs) in enumerate(sample_inputs):

@@ -98,6 +98,18 @@ def _localize_shape(node: fx.Node, strategy: Strategy, lctx) -> None:
     node.args = (node.args[0], shape, *node.args[2:])
 
 
+def _squeezed(node: fx.Node) -> set[int]:
+    """The dims a squeeze removes where they have size 1 (locally too)."""
+    nd = max(val(node.args[0]).ndim, 1)
+    if node.target == aten.squeeze.default:
+        return set(range(nd))
+    if node.target == aten.squeeze.dim:
+        return {node.args[1] % nd}
+    if node.target == aten.squeeze.dims:
+        return {d % nd for d in node.args[1]}
+    return set()
+
+
 def _localize_unflatten(node: fx.Node, strategy: Strategy, lctx) -> None:
     """``unflatten(x, dim, sizes)``: the entry of ``sizes`` that the sharded output dim is."""
     x, dim, sizes = node.args[:3]
@@ -124,8 +136,8 @@ def view_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
                 and size.node.expr.free_symbols} if isinstance(traced, torch.Tensor) else set()
     for p in ctx.candidates(node.args[0]):
         q = view_placement(list(x.shape), list(out.shape), p, ctx.world, symbolic)
-        if q is not None and node.target == aten.squeeze.default and is_shard(p) and x.shape[p.dim] == ctx.world:
-            continue                  # a local size-1 shard would be squeezed away with the others
+        if q is not None and is_shard(p) and x.shape[p.dim] == ctx.world and p.dim % x.ndim in _squeezed(node):
+            continue                  # the local size-1 shard would be squeezed away
         if q is not None and (p != R):
             strategies.append(Strategy((p,), q, localize=hook if is_shard(q) else None))
     return dedupe(strategies)
