@@ -80,7 +80,7 @@ def build_model(path: str, dtype: torch.dtype, seed: int):
     config = AutoConfig.from_pretrained(path) if path.is_dir() else AutoConfig.for_model(**json.loads(path.read_text()))
     if path.is_dir():
         with torch.device("meta"):                        # no memory; rotary buffers recomputed by autotp
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model, path
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).to(dtype), None
