@@ -102,6 +102,9 @@ class DecodeStep(nn.Module):
         params = inspect.signature(model.forward).parameters
         self._keep_last = "logits_to_keep" in params
         self.takes_positions = "position_ids" in params
+        # a MoE's auxiliary load-balancing loss is training's, not decoding's (Hugging Face's
+        # generate does not compute it either): off, so the decode step has none
+        self._no_aux_loss = "output_router_logits" in params
         self.num_layers = num_layers
 
     def forward(self, input_ids, attention_mask, *rest):
@@ -110,6 +113,8 @@ class DecodeStep(nn.Module):
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if self._no_aux_loss:
+            kwargs["output_router_logits"] = False
         out = self._hf(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return (logits[:, -1:], *cache.tensors())

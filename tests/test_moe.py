@@ -302,11 +302,8 @@ def _grid_worker(rank, world, tmp):
                           for n, p in ref.named_parameters())
     # greedy generation plans a decode step pinned to the same grid
     ref.eval(), pmodel.eval()
-    try:
-        out["generate"] = (pmodel.generate(ids, max_new_tokens=4).tolist(),
-                           ref.generate(ids, max_new_tokens=4, do_sample=False).tolist())
-    except autotp.AutoTPError as e:         # known: see the test
-        out["generate"] = str(e).splitlines()[0]
+    out["generate"] = (pmodel.generate(ids, max_new_tokens=4).tolist(),
+                       ref.generate(ids, max_new_tokens=4, do_sample=False).tolist())
     torch.save(out, os.path.join(tmp, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -337,13 +334,6 @@ def test_grid_loads_saves_clips_and_generates():
                 assert g == [sum(t[:3]), sum(t[:3]), sum(t[3:]), sum(t[3:])], layer
             assert res["norm"][0] == pytest.approx(res["norm"][1], rel=1e-5)
             assert res["grad_err"] <= TOL
-        for r in range(4):
-            res = torch.load(os.path.join(tmp, f"{r}.pt"))
-            if isinstance(res["generate"], str):
-                # the decode step captured with attention_mask and position_ids (HF's generate
-                # vocabulary) does not export for this MoE on the grid: export cannot tie the
-                # mask's batch x length to the ids' in the routing (s44*s70 vs s43*s53)
-                pytest.xfail(f"decode step capture on the EP x TP grid: {res['generate']}")
             assert res["generate"][0] == res["generate"][1]
 
 
