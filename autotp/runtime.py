@@ -214,6 +214,7 @@ class ParallelModule(nn.Module):
             self.plan.ctx.note(f"not cut into blocks (their nodes are not contiguous in the graph, so they run in the "
                                f"root's part): {', '.join(uncut)}")
         self._segments = segments
+        self._owned = {n for seg in segments for n in seg.owned}     # fed by their blocks, not the root
         self._block_slots: list = []              # per segment: (parent module, child name) or None
         copied: set[int] = set()
         for seg in segments:
@@ -354,7 +355,7 @@ class ParallelModule(nn.Module):
         if self.check_inputs:
             self._check_same_inputs(flat)
         sizes: dict = {}                      # size symbol -> the value this call binds it to
-        owned = set() if everything else {n for seg in self._segments for n in seg.owned}
+        owned = set() if everything else self._owned
         env = {}
         for name, feed in self._feeds.items():
             if name in owned:
