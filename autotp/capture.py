@@ -9,15 +9,21 @@ back to a module and a line of the user's source.
     a row-parallel matmul leaves a partial sum, and the bias must be added once, after the
     all-reduce, not on every rank.
   * ``_assert_tensor_metadata`` checks (dtype/device asserts export leaves behind).
+  * a reshape that merges the batch with another dim, undone by a later reshape (through
+    transposes): ``nn.MultiheadAttention``'s ``(T, B, E) -> (T, B*H, hd) -> (B*H, T, hd) -> (B, H,
+    T, hd)`` becomes ``(T, B, E) -> (T, B, H, hd) -> permute -> (B, H, T, hd)``: the same values,
+    and no dim whose heads would be a shard strided by the (run-time) batch size.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import inspect
+import linecache
 import logging
 import operator
 import os
+import re
 import traceback
 from typing import Any
 
@@ -144,9 +150,10 @@ def _export_or_explain(model, args: tuple, kwargs: dict, dynamic_shapes) -> Expo
                 raise
             return _export(model, args, kwargs)
     except Exception as e:  # noqa: BLE001 — re-raised with the way out
-        frame = _model_frame(e)
+        frames = _model_frames(e)
+        frame = frames[-1] if frames else None
         at = f"\nat {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}" if frame else ""
-        hint = _EXPORT_HINTS.get(frame.name, "") if frame else ""
+        hint = _EXPORT_HINTS[frame.name](frames) if frame and frame.name in _EXPORT_HINTS else ""
         raise AutoTPError(
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}{at}\n{hint}"
@@ -156,23 +163,58 @@ def _export_or_explain(model, args: tuple, kwargs: dict, dynamic_shapes) -> Expo
             "below.") from e
 
 
-# torch's own model code that reads tensor values, and the argument that skips the read
-_EXPORT_HINTS = {
-    "_detect_is_causal_mask": "The mask's values are compared with a causal mask to decide whether attention "
-                              "is causal: pass tgt_is_causal=True (or is_causal=True / src_is_causal=True "
-                              "for the layer that reads it) with a causal mask, so nothing reads its values.\n",
-}
+def _statement(frame) -> str:
+    """The whole (possibly multi-line) call that starts at ``frame``'s line."""
+    text = ""
+    for k in range(frame.lineno, frame.lineno + 20):
+        text += linecache.getline(frame.filename, k)
+        if text.count("(") <= text.count(")"):
+            break
+    return " ".join(text.split())
+
+
+def _causal_flag_hint(frames) -> str:
+    """``_detect_is_causal_mask(mask, is_causal, size)`` reads the mask's values when the flag is
+    None.  Follow the flag outwards through the calls that passed it (``is_causal=src_is_causal``
+    in ``nn.Transformer.forward``) to the name the outermost caller gives it."""
+    flag, where = None, []
+    for f in reversed(frames[:-1]):
+        line = _statement(f)
+        if flag is None:
+            m = re.search(r"_detect_is_causal_mask\(\s*[\w.]+\s*,\s*(\w+)", line)
+            if not m:
+                return ""
+        else:
+            m = re.search(rf"\b{flag}\s*=\s*(\w+)\s*[,)]", line)
+        if m:
+            flag = m.group(1)
+            where.append(f"{f.filename}:{f.lineno} in {f.name}: {line if len(line) <= 160 else line[:159] + '…'}")
+    if flag is None:
+        return ""
+    torch_dir = os.path.dirname(torch.__file__)
+    user = [f for f in frames if not f.filename.startswith(torch_dir) and not f.filename.startswith("<")]
+    if user:                                     # the model's own line that called into torch's module
+        f = user[-1]
+        where.append(f"{f.filename}:{f.lineno} in {f.name}: {_statement(f)[:160]}")
+    return ("The mask's values are compared with a causal mask to decide whether attention is causal, which "
+            f"export cannot trace; the flag that skips the comparison is `{flag}`, passed on at\n  "
+            + "\n  ".join(reversed(where)) +
+            f"\npass {flag}=True with a causal mask ({flag}=False if it is not causal), so nothing reads "
+            "its values.\n")
+
+
+# torch's own model code that reads tensor values -> the way out, from the frames of the model
+_EXPORT_HINTS = {"_detect_is_causal_mask": _causal_flag_hint}
 
 # frames of the tracer itself, not of the model: an export error names the model line below them
 _TRACER_PATHS = tuple(os.sep + os.path.join("torch", p) for p in ("_", "fx", "export", "utils", "overrides.py",
                                                                     "sym_node", "__init__.py"))
 
 
-def _model_frame(e: BaseException):
-    """The innermost frame of the model's code (``torch.nn`` counts) where export failed."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not any(p in f.filename for p in _TRACER_PATHS) and os.sep + "autotp" + os.sep not in f.filename]
-    return frames[-1] if frames else None
+def _model_frames(e: BaseException) -> list:
+    """The frames of the model's code (``torch.nn`` counts) down to where export failed."""
+    return [f for f in traceback.extract_tb(e.__traceback__)
+            if not any(p in f.filename for p in _TRACER_PATHS) and os.sep + "autotp" + os.sep not in f.filename]
 
 
 def _signature(program: ExportedProgram) -> tuple[dict, dict, dict, list]:
@@ -405,7 +447,7 @@ def _merge_tied(gm: fx.GraphModule, params: dict[str, str], model: torch.nn.Modu
 
 
 def _fake_call(fn, *args):
-    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    vals = fx.node.map_arg(args, lambda a: a.meta["val"])          # sizes in lists too
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     with mode:
         return fn(*vals)
@@ -486,6 +528,103 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         elif node.target == aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
             b, x, w = node.args[:3]
             _split_bias(graph, node, aten.mm.default, x, w, b)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _RESHAPES and node.users:
+            _fold_merge_split(graph, node)
     graph.lint()
     gm.recompile()
     return gm
+
+
+_PERMUTES = (aten.transpose.int, aten.permute.default)
+
+
+def _atoms(xc: list[int], mc: list[int], symbolic: list[bool]):
+    """The finest sizes that both ``x``'s shape ``xc`` and its reshape ``mc`` are groupings of:
+    ``[(size, x's dim if that dim is symbolic else None)]`` and, per atom, its dim of ``mc``.
+    (None, None) if a symbolic dim of x would be cut (its pieces' sizes are unknown)."""
+    atoms, owner = [], []
+    dims = [i for i, n in enumerate(xc) if n != 1]
+    p, have = 0, (xc[dims[0]] if dims else 1)
+    for j, need in enumerate(mc):
+        if need == 1:
+            atoms.append((1, None))
+            owner.append(j)
+        while need > 1:
+            if p >= len(dims):
+                return None, None
+            d = dims[p]
+            take = need if have >= need else have
+            if have % take or need % take or symbolic[d] and take != xc[d]:
+                return None, None
+            atoms.append((take, d if symbolic[d] else None))
+            owner.append(j)
+            have //= take
+            need //= take
+            if have == 1:
+                p += 1
+                have = xc[dims[p]] if p < len(dims) else 1
+    return atoms, owner
+
+
+def _fold_merge_split(graph: fx.Graph, last: fx.Node) -> None:
+    """``reshape(permute*(reshape(x, merged)), split)`` -> ``reshape?(permute(view(x, atoms)))``
+    when the first reshape merges a symbolic dim (the batch) with another and ``last`` splits
+    every such merge back.
+
+    ``atoms``: the finest dims both reshapes are groupings of (``(T, B, H, hd)`` for ``(T, B, E) ->
+    (T, B*H, hd)``); the transposes between move whole dims of the merged view, so they become one
+    permute of the atoms.  A rank's heads of ``B*H`` would be a shard strided by ``B``, a factor
+    that changes with the input: the folded chain never forms that dim.  Left as it is when a dim
+    of ``x`` is split into symbolic pieces, or ``last`` cuts an atom or keeps a symbolic merge."""
+    moves, t = [], last.args[0]
+    while isinstance(t, fx.Node) and t.target in _PERMUTES and len(t.users) == 1:
+        moves.append(t)
+        t = t.args[0]
+    first = t
+    if not (isinstance(first, fx.Node) and first.target in _RESHAPES and len(first.users) == 1
+            and isinstance(first.args[0], fx.Node)):
+        return
+    if any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in last.users):
+        return                    # written in place: the folded chain may alias x where a reshape copied
+    x = first.args[0]
+    xs, ms, ls = (n.meta.get("val") for n in (x, first, last))
+    if not all(isinstance(v, torch.Tensor) for v in (xs, ms, ls)):
+        return
+    symbolic = [isinstance(s, torch.SymInt) and not s.node.expr.is_number for s in xs.shape]
+    xc, mc = [hint_int(s) for s in xs.shape], [hint_int(s) for s in ms.shape]
+    atoms, owner = _atoms(xc, mc, symbolic)
+    if atoms is None or not any(len([k for k, o in enumerate(owner) if o == j and atoms[k][0] != 1]) > 1
+                                and any(atoms[k][1] is not None for k, o in enumerate(owner) if o == j)
+                                for j in range(ms.ndim)):
+        return
+    order = list(range(ms.ndim))                         # dim k of the transposed tensor = order[k] of ``first``
+    for m in reversed(moves):
+        if m.target == aten.transpose.int:
+            a, b = m.args[1] % ms.ndim, m.args[2] % ms.ndim
+            order[a], order[b] = order[b], order[a]
+        else:
+            order = [order[d % ms.ndim] for d in m.args[1]]
+    perm = [k for d in order for k, o in enumerate(owner) if o == d]
+    moved = [atoms[k] for k in perm]
+    from autotp.passes.rules.views import dim_groups
+    for gi, gj in dim_groups([a[0] for a in moved], [hint_int(s) for s in ls.shape]):
+        if len(gj) != 1 or len([i for i in gi if moved[i][0] != 1]) > 1 and any(
+                moved[i][1] is not None for i in gi):
+            return                                       # ``last`` cuts an atom or merges the batch again
+    with graph.inserting_before(first):
+        out = x
+        if [a[0] for a in atoms] != xc:                  # a symbolic atom is a whole dim of x: its size at run time
+            sizes = [n if d is None else _new(graph, first, aten.sym_size.int, (x, d)) for n, d in atoms]
+            out = _new(graph, first, aten.view.default, (x, sizes))
+        if perm != list(range(len(perm))):
+            out = _new(graph, first, aten.permute.default, (out, perm))
+    if [a[0] for a in moved] == [hint_int(s) for s in ls.shape]:
+        last.replace_all_uses_with(out)
+    else:
+        with graph.inserting_before(last):
+            out = _new(graph, last, aten.reshape.default, (out, last.args[1]))
+        last.replace_all_uses_with(out)
+    graph.erase_node(last)
+    for n in moves + [first]:
+        graph.erase_node(n)

@@ -404,6 +404,24 @@ def _copy_graph_module(gm: fx.GraphModule, lazy: bool = False) -> fx.GraphModule
     return (_LazyGraphModule if lazy else fx.GraphModule)(gm, graph)
 
 
+def _size_name(captured: Captured, sym) -> str:
+    """A size symbol as a note names it: `batch` (dim 0) or `seq` (dim 1) only where the symbol
+    is that dim of token ids (an integer input), else neutrally as the first input dim it is
+    ("dim 1 of `pixel_values`": an image's dim 1 is its channels, a hidden state's may be
+    anything)."""
+    role = str(captured.symbols.get(sym, ""))
+    for node in captured.gm.graph.nodes:
+        v = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in captured.user_inputs or not isinstance(v, torch.Tensor):
+            continue
+        for d, size in enumerate(v.shape):
+            if isinstance(size, torch.SymInt) and size.node.expr == sym:
+                tokens = not v.dtype.is_floating_point and not v.dtype.is_complex
+                return f"`{role}`" if tokens and (role, d) in (("batch", 0), ("seq", 1)) \
+                    else f"dim {d} of `{node.name}`"
+    return f"`{role or sym}`"
+
+
 def _expand_overrides(overrides: dict | None, names: list[str]) -> dict[str, Placement]:
     pins = {}
     for pattern, placement in (overrides or {}).items():
@@ -461,9 +479,8 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
                     ctx.note(f"torch.export fixed dim {d} of `{node.name}` (shape {list(concrete(v).shape)}) at "
                              f"{_static(size)}: the model's code depends on it, so this plan runs only at that size")
     for sym, (example, where_node, _) in captured.pinned.items():
-        name = captured.symbols.get(sym, sym)
-        ctx.note(f"the graph unrolls a Python loop over `{name}` (node `{where_node}`): this plan runs only at "
-                 f"{name} = {example}")
+        ctx.note(f"the graph unrolls a Python loop over {_size_name(captured, sym)} (node `{where_node}`): this "
+                 f"plan runs only when it is {example}")
     if captured.stamped:
         path, n = captured.stamped
         ctx.note(f"captured: torch.export traced layers 0, 1, 2 and {n - 1} of `{path}`; layers 3-{n - 2} are copies of "

@@ -25,13 +25,16 @@ _SPLITTING_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.d
 
 
 def split_factors(gm: fx.GraphModule) -> tuple[int, ...]:
-    """Strided-shard factors worth trying: the equal-split counts that occur in the graph."""
+    """Strided-shard factors worth trying: the equal-split counts that occur in the graph, and the
+    block counts of a dim unflattened into (blocks, size)."""
     factors = {1}
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in _SPLITTING_OPS and isinstance(val(n), (list, tuple)):
             outs = val(n)
             if len({o.shape for o in outs}) == 1:
                 factors.add(len(outs))
+        elif n.op == "call_function" and n.target == aten.unflatten.int and len(n.args[2]) == 2:
+            factors.add(n.args[2][0])             # a packed [q|k|v] viewed as (3, E): nn.MultiheadAttention
     return tuple(sorted(factors))
 
 

@@ -176,3 +176,28 @@ def test_split_factors_arithmetic():
     assert _split_factors([64, 32, 32], 128, 4) == [2, 1, 1]
     assert _split_factors([64, 32, 32], 128, 2) is None
     assert split_factor(S(2, 2)) == 2 and is_shard(S(2, 2))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_packed_in_proj_gives_q_k_v_their_heads(world):
+    """``nn.MultiheadAttention``'s packed projection ``(T, B, 3E)`` held as ``S(2)x3`` (a rank's heads
+    of q, k and v) viewed as ``(T, B, 3, E)``: the shard lands on E, and taking q, k or v keeps it.
+    A plain ``S(2)`` would cut across the q|k|v blocks: no strategy."""
+    x = torch.randn(4, 2, 3 * 48)
+    got = _outputs(check_rule(lambda t: t.unflatten(-1, (3, 48)), [x], aten.unflatten.int, [S(2, 3), S(2)], world))
+    assert ((S(2, 3),), S(3)) in got and not any(ins == (S(2),) for ins, _ in got)
+    packed = torch.randn(3, 4, 2, 48)
+    got = _outputs(check_rule(lambda t: t[1], [packed], aten.select.int, [S(3)], world))
+    assert ((S(3),), S(2)) in got
+    from autotp.conformance import check_rule as conformance    # every placement offered, backward too
+    for op, sample in ((aten.unflatten.int, (x, -1, [3, 48])), (aten.select.int, (packed, 0, 1))):
+        report = conformance(op, [(sample, {})], world)
+        assert report.failures == [], "\n".join(map(str, report.failures))
+
+
+def test_unflatten_blocks_are_strided_factors():
+    """The solver offers a weight ``S(d)x3`` when the graph unflattens a dim into 3 blocks."""
+    from autotp.passes.propagate import split_factors
+    gm = torch.export.export(_Fn(lambda t: t.unflatten(-1, (3, 16))[..., 0, :]), (torch.randn(2, 48),),
+                             strict=False).module()
+    assert 3 in split_factors(gm)
