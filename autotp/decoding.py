@@ -8,10 +8,24 @@ merge ``generation_config`` with the model's defaults and the keyword arguments,
 tokens, infer a missing attention mask, compute position ids from the mask, repeat the batch for
 ``num_return_sequences``, settle ``max_length`` / ``min_length`` and build the
 ``LogitsProcessorList`` and ``StoppingCriteriaList``.  None of these runs the model.  The loop is
-Hugging Face's ``_sample``: processors on the full ``(batch, vocab)`` fp32 logits of the last
+Hugging Face's ``_sample``: processors on the ``(batch, vocab)`` fp32 logits of the last
 position, argmax or one multinomial draw, finished rows padded with ``pad_token_id``.
 
-Every rank runs the same loop on the same (replicated) logits, so every rank must draw the same
+The decode step leaves the logits split by vocab (``Generator.vocab``); the loop moves only what
+the next token needs (``_route``):
+
+* greedy with no processor: each rank's argmax over its slice, then one all-gather of a
+  (value, global index) pair per row and rank; the first maximum in rank order is the lowest
+  index among the maxima, so the token is ``argmax`` of the full row, ties and NaN included;
+* sampling with ``temperature`` and ``top_k`` only: the temperature on the slice, each rank's
+  top k, one all-gather of k pairs per row and rank, and the full row rebuilt from them
+  (-inf elsewhere): exactly ``TopKLogitsWarper``'s scores, so the draw is the same.  When a
+  rank may hold more ties at the k-th value than it sent, that step gathers the full row;
+* anything else (``top_p``, ``min_p``, penalties, ``min_new_tokens``, custom processors,
+  ``output_scores`` of greedy, ``output_logits``): the full row is all-gathered and Hugging
+  Face's processors run on it.
+
+Every rank runs the same loop on the same tokens and scores, so every rank must draw the same
 random numbers: sampling uses one ``torch.Generator`` per call, seeded from ``generator=`` (a
 ``torch.Generator``, used as is) or ``seed=`` (an int); with neither, rank 0 draws a seed from
 torch's global generator and broadcasts it once over the tensor-parallel group.  The multinomial
@@ -31,7 +45,8 @@ _UNSUPPORTED = {"num_beams": 1, "penalty_alpha": None, "guidance_scale": 1.0, "o
                 "output_hidden_states": False, "max_time": None, "prompt_lookup_num_tokens": None,
                 "assistant_early_exit": None, "cache_implementation": None, "token_healing": False}
 # keyword arguments of model.generate that are not generation_config fields and that autotp takes
-_OWN = ("streamer", "tokenizer", "logits_processor", "stopping_criteria", "generator", "seed", "return_logits")
+_OWN = ("streamer", "tokenizer", "logits_processor", "stopping_criteria", "generator", "seed", "return_logits",
+        "compile")
 
 
 def decode(gen, input_ids, *args, attention_mask=None, generation_config=None, **kwargs):
@@ -39,8 +54,9 @@ def decode(gen, input_ids, *args, attention_mask=None, generation_config=None, *
     ``Generator`` ``gen``'s decode step (see the module docstring).  Returns the token ids
     ``(batch * num_return_sequences, length)``, or with ``return_dict_in_generate=True`` a
     ``GenerateDecoderOnlyOutput`` with ``sequences`` and, if asked, ``scores`` / ``logits``.
-    ``return_logits=True`` (autotp's own) returns ``(ids, [per-step fp32 logits])``.  A
-    positional int after ``input_ids`` is ``max_new_tokens`` (see ``_bind``)."""
+    ``return_logits=True`` (autotp's own) returns ``(ids, [per-step fp32 logits])``.
+    ``compile=True`` (or a dict of ``torch.compile`` arguments) runs the decode step under
+    ``torch.compile``.  A positional int after ``input_ids`` is ``max_new_tokens`` (see ``_bind``)."""
     hf = gen.pmodel.source_model
     if not hasattr(hf, "_prepare_generation_config"):
         raise AutoTPError(f"generate needs a Hugging Face model with GenerationMixin ({type(hf).__name__} has none)")
@@ -85,16 +101,28 @@ def decode(gen, input_ids, *args, attention_mask=None, generation_config=None, *
     rng = _sampling_generator(gen, own) if config.do_sample else None
     streamer = own.get("streamer") if gen.mesh.get_local_rank() == 0 else None
     return _sample(gen, ids, mask, positions, config, processors, stopping, rng, streamer,
-                   bool(own.get("return_logits")))
+                   bool(own.get("return_logits")), _compile_options(own.get("compile")))
 
 
-def _sample(gen, ids, mask, positions, config, processors, stopping, rng, streamer, return_logits):
+def _compile_options(value) -> dict | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    raise AutoTPError(f"compile must be True, False or a dict of torch.compile arguments, got {value!r}")
+
+
+def _sample(gen, ids, mask, positions, config, processors, stopping, rng, streamer, return_logits,
+            compile_options=None):
     """Hugging Face's ``_sample`` loop, with the decode step in place of the model."""
     batch, prompt = ids.shape
     pad = config._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping)
     want_scores = config.return_dict_in_generate and config.output_scores
     want_logits = config.return_dict_in_generate and config.output_logits
+    route, scale, top_k = _route(gen.vocab, processors, rng is not None, want_scores, want_logits or return_logits)
     scores, raw, step_logits = [], [], []
     cache = gen.new_cache(batch, config.max_length)
     # the whole cache's mask: the prompt's, then 1 for every generated token
@@ -106,20 +134,30 @@ def _sample(gen, ids, mask, positions, config, processors, stopping, rng, stream
     tokens, start = ids, 0
     while True:
         pos = positions[:, start:] if positions is not None else None
-        logits, cache = gen.step(tokens, full_mask, pos, start, cache)
+        logits, cache = gen.step(tokens, full_mask, pos, start, cache, compile_options)   # (B, 1, V/N) or (B, 1, V)
         start += tokens.shape[1]
-        last = logits[:, -1].to(torch.float32, copy=True)             # (B, V)
-        step_scores = processors(ids, last)
-        if return_logits:
-            step_logits.append(last)
-        if want_scores:
-            scores.append(step_scores)
-        if want_logits:
-            raw.append(last)
-        if rng is not None:
-            nxt = torch.multinomial(step_scores.softmax(-1), num_samples=1, generator=rng).squeeze(1)
+        if route == "argmax":
+            nxt = sharded_argmax(gen.vocab, logits[:, -1].to(torch.float32))
         else:
-            nxt = step_scores.argmax(-1)
+            step_scores = None
+            if route == "top_k":
+                local = logits[:, -1].to(torch.float32, copy=True)          # (B, V/N)
+                for p in scale:
+                    local = p(ids, local)
+                step_scores = sharded_top_k(gen.vocab, local, top_k)
+            if step_scores is None:
+                last = gathered(gen.vocab, logits)[:, -1].to(torch.float32, copy=True)   # (B, V)
+                step_scores = processors(ids, last)
+                if return_logits:
+                    step_logits.append(last)
+                if want_logits:
+                    raw.append(last)
+            if want_scores:
+                scores.append(step_scores)
+            if rng is not None:
+                nxt = torch.multinomial(step_scores.softmax(-1), num_samples=1, generator=rng).squeeze(1)
+            else:
+                nxt = step_scores.argmax(-1)
         if has_eos:
             nxt = nxt * unfinished + pad * (1 - unfinished)
         ids = torch.cat([ids, nxt[:, None]], dim=-1)
@@ -140,6 +178,80 @@ def _sample(gen, ids, mask, positions, config, processors, stopping, rng, stream
         return GenerateDecoderOnlyOutput(sequences=ids, scores=tuple(scores) if want_scores else None,
                                          logits=tuple(raw) if want_logits else None)
     return ids
+
+
+# ---------------------------------------------------------------- the token from vocab-split logits
+def _route(vocab, processors, sampling: bool, want_scores: bool, want_full: bool):
+    """("argmax" | "top_k" | "full", temperature warpers to apply to the slice, the top-k
+    warper): what the loop needs moved (see the module docstring)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+    if not (vocab.sharded and vocab.contiguous) or want_full:
+        return "full", [], None
+    if not sampling:
+        return ("argmax" if len(processors) == 0 and not want_scores else "full"), [], None
+    *scale, last = list(processors) or [None]
+    if type(last) is TopKLogitsWarper and all(type(p) is TemperatureLogitsWarper for p in scale):
+        return "top_k", scale, last
+    return "full", [], None
+
+
+def _exchange(vocab, local: torch.Tensor, k: int) -> torch.Tensor:
+    """Each rank's ``k`` largest (value, global index) pairs of its slice ``local`` (B, V/N),
+    all-gathered: (B, N, k, 2) float64 (exact for fp32 values and indices below 2**53), rank-major.
+    ``k = 1``: the slice's argmax, the first of its maxima."""
+    from autotp.comm import all_gather
+    if k == 1:
+        index = local.argmax(-1, keepdim=True)                            # (B, 1)
+    else:
+        index = local.topk(k, -1).indices                                 # (B, k), largest first
+    pairs = torch.stack([local.gather(-1, index).double(), (index + vocab.offset).double()], -1)   # (B, k, 2)
+    if vocab.world == 1:
+        return pairs[:, None]
+    everyone = all_gather(pairs, 1, 1, vocab.group, vocab.world, vocab.rank)                 # (B, N*k, 2)
+    return everyone.view(local.shape[0], vocab.world, k, 2)
+
+
+def sharded_argmax(vocab, local: torch.Tensor) -> torch.Tensor:
+    """``full_logits.argmax(-1)`` from this rank's slice ``local`` (B, V/N): (B,) token ids.
+    Slices are contiguous and in rank order, so the first maximum over the ranks' first maxima
+    is the full row's first maximum (the lowest index wins a tie; NaN counts as the maximum, as
+    in ``torch.argmax``)."""
+    everyone = _exchange(vocab, local, 1)[:, :, 0]                        # (B, N, 2)
+    best = everyone[..., 0].argmax(-1, keepdim=True)                      # (B, 1): the rank
+    return everyone[..., 1].gather(-1, best).squeeze(-1).long()
+
+
+def sharded_top_k(vocab, local: torch.Tensor, warper) -> torch.Tensor | None:
+    """``TopKLogitsWarper`` on the full row, from this rank's slice ``local`` (B, V/N) of the
+    (already temperature-scaled) scores: (B, V) fp32, the k largest values in place and the
+    warper's ``filter_value`` elsewhere.  None when a rank sent k values ending at the k-th
+    value: it may hold more ties there (the warper keeps every value >= the k-th), so the
+    caller gathers the full row."""
+    k = min(warper.top_k, vocab.size)
+    sent = min(k, vocab.local)
+    everyone = _exchange(vocab, local, sent)                              # (B, N, sent, 2)
+    values = everyone[..., 0].flatten(1)                                  # (B, N*sent)
+    index = everyone[..., 1].flatten(1).long()
+    kth = values.topk(k, -1).values[:, -1:]                               # (B, 1)
+    if sent < vocab.local and bool((everyone[:, :, -1, 0] == kth).any()):
+        return None
+    full = torch.full((local.shape[0], vocab.size), warper.filter_value, dtype=local.dtype, device=local.device)
+    return full.scatter_(-1, index, values.to(local.dtype).masked_fill(values < kth, warper.filter_value))
+
+
+def gathered(vocab, logits: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of the step's logits (B, 1, .) -> the full (B, 1, V) on every rank."""
+    from autotp import comm
+    from autotp.placement import is_shard, shard_dim, split_factor
+    if not vocab.sharded:
+        return logits
+    p = vocab.placement
+    if is_shard(p):
+        return comm.all_gather(logits, shard_dim(p), split_factor(p), vocab.group, vocab.world, vocab.rank)
+    if vocab.exchange_kind == "all_reduce":
+        return comm.all_reduce(logits, vocab.group)
+    raise AutoTPError(f"the decode step's logits come out as {p}; autotp.generate gathers Shard, Partial or "
+                      f"Replicate logits only")
 
 
 # ---------------------------------------------------------------- preparation

@@ -21,6 +21,11 @@ How (see docs/generation.md):
   the ``ParallelModule``'s own shards: generation adds no copy of any weight.
 * **In place at run time.**  The cache writes become ``index_copy_`` on this rank's cache
   tensors (each is read by nothing else), so a decode step allocates no new cache.
+* **The logits stay where the plan leaves them.**  The step is planned with ``sharded_outputs``:
+  the last position's logits come out split by vocab (the forward's column-parallel ``lm_head``),
+  not all-gathered.  ``autotp.decoding`` picks the token from the slices (a local argmax / top-k
+  and a small exchange of (value, index) pairs) and gathers the full row only when a processor
+  needs it (``Generator.vocab``, ``decode_traffic``).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from autotp.placement import fmt, local_shape
+from autotp.placement import Partial, R, fmt, is_shard, local_shape, normalize, shard_dim, split_factor
 from autotp.passes.context import AutoTPError
 from autotp.runtime import adopt
 
@@ -222,8 +227,11 @@ class Generator:
         names = {n for n, _ in step.named_parameters()}
         pins = {n: p for n, p in pmodel.plan.placements.items() if n in names}   # the forward's shards
         world = self.mesh.size()
+        # sharded_outputs: the logits stay as the plan computes them (split by vocab), and
+        # autotp.decoding moves only what the next token needs (see Generator.vocab)
         self.plan = make_plan(step, (ids, mask, *positions, start, *kv), world_size=world, overrides=pins, training=False,
-                              plan_seq=1, carried_state={1 + i: fixed + i for i in range(len(kv))}, dump=False)
+                              plan_seq=1, carried_state={1 + i: fixed + i for i in range(len(kv))},
+                              sharded_outputs=True, dump=False)
         if world > 1:
             from autotp import _check_same_plan
             _check_same_plan(self.plan, self.mesh)
@@ -234,6 +242,17 @@ class Generator:
         _write_cache_in_place(gm, {n.name for n, _ in self.cache_placements})
         self.gm = gm
         self._feeds = self._input_feeds(gm)
+        self.rank, self.group_name = rank, group
+        self.vocab = self._vocab_layout(gm)
+        self._compiled: dict = {}
+
+    def _vocab_layout(self, gm: fx.GraphModule) -> "VocabLayout":
+        """How the step's logits output ``(B, 1, V)`` lies on the ranks (``VocabLayout``)."""
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        logits = out.args[0][0]
+        v = logits.meta["val"]
+        placement = normalize(logits.meta.get("autotp", {}).get("placement", R) or R, v.ndim)
+        return VocabLayout(placement, int(v.shape[-1]), self.mesh.size(), self.rank, self.group_name)
 
     # ---- what the graph reads
     def _cache_inputs(self, gm: fx.GraphModule) -> list[tuple[fx.Node, object]]:
@@ -264,7 +283,7 @@ class Generator:
                 feeds.append(("user", cap.user_inputs.index(node.name)))
         return feeds
 
-    def _run(self, user: list) -> list:
+    def _run(self, user: list, compile_options: dict | None = None) -> list:
         inputs = []
         for kind, what in self._feeds:
             if kind == "param":
@@ -275,7 +294,17 @@ class Generator:
                 inputs.append(what)
             else:
                 inputs.append(user[what])
-        return list(self.gm(*inputs))
+        return list(self._graph(compile_options)(*inputs))
+
+    def _graph(self, compile_options: dict | None):
+        """The rank-local step graph, or it under ``torch.compile(**compile_options)`` (compiled
+        once per set of options and kept: the prefill and the decode shapes are its two graphs)."""
+        if compile_options is None:
+            return self.gm
+        key = repr(sorted(compile_options.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(self.gm, **compile_options)
+        return self._compiled[key]
 
     # ---- the cache
     def _local_cache_shape(self, node: fx.Node, placement, batch: int, length: int) -> list[int]:
@@ -303,17 +332,39 @@ class Generator:
         c = self.plan.counts()
         per_layer = {k: dict(v) for k, v in c["per_layer_forward"].items() if k is not None}
         heads = sorted({fmt(p) for _, p in self.cache_placements})
-        return (f"decode step: collectives {dict(c['forward'])}, per layer {per_layer}; "
-                f"KV cache placement {', '.join(heads)} (batch, length, kv_heads, head_dim)")
+        return (f"decode step: collectives {dict(c['forward'])}, per layer {per_layer}; logits {fmt(self.vocab.placement)} "
+                f"(batch, 1, vocab); KV cache placement {', '.join(heads)} (batch, length, kv_heads, head_dim)")
+
+    def decode_traffic(self, batch: int, length: int, k: int = 1) -> tuple[dict, int]:
+        """What one decode step (one new token per row, a cache of ``length`` slots) moves in
+        forward: ({collective: count}, bytes), the step graph's collectives plus the exchange
+        that picks the token from vocab-split logits: ``k`` (value, index) pairs per row and
+        rank (``k = 1`` greedy, ``top_k`` when sampling).  Bytes are the full tensors moved
+        (``Collective.sym_bytes``), as ``Plan.collectives`` counts them."""
+        counts = dict(self.plan.counts()["forward"])
+        moved = 0
+        for c in self.plan.collectives():
+            if not c.forward:
+                continue
+            subs = {sym: batch if str(sym) == "batch" else 1 if str(sym) == "seq" else length
+                    for sym in c.sym_bytes.free_symbols}
+            moved += int(c.sym_bytes.subs(subs))
+        if self.vocab.sharded:
+            kind = self.vocab.exchange_kind
+            counts[kind] = counts.get(kind, 0) + 1
+            moved += self.vocab.exchange_bytes(batch, k)
+        return counts, moved
 
     # ---- generation
-    def step(self, input_ids, attention_mask, position_ids, start: int, cache: list) -> tuple:
+    def step(self, input_ids, attention_mask, position_ids, start: int, cache: list,
+             compile_options: dict | None = None) -> tuple:
         """One run of the decode step: ``input_ids`` (B, S) written at cache slots ``start ..
         start + S - 1``; ``attention_mask`` (B, cache length); ``position_ids`` (B, S), or None
-        when the model takes none.  Returns (last logits (B, 1, V), the new cache)."""
+        when the model takes none.  Returns (this rank's last logits (B, 1, V) in the placement
+        ``self.vocab`` describes (a vocab slice when split), the new cache)."""
         positions = [position_ids] if self.takes_positions else []
         logits, *cache = self._run([input_ids, attention_mask, *positions,
-                                    torch.tensor(start, device=self.device), *cache])
+                                    torch.tensor(start, device=self.device), *cache], compile_options)
         return logits, cache
 
     @torch.no_grad()
@@ -340,6 +391,28 @@ def generator(pmodel) -> Generator:
         gen = Generator(pmodel)
         object.__setattr__(pmodel, "_autotp_generator", gen)
     return gen
+
+
+class VocabLayout:
+    """Where the decode step's logits ``(B, 1, V)`` lie: ``placement`` (R, or S(2) when the
+    ``lm_head`` is column-parallel: rank r holds vocab ids ``offset .. offset + V/N - 1``).
+    ``sharded`` when the token must be picked from slices (``autotp.decoding``)."""
+
+    def __init__(self, placement, vocab: int, world: int, rank: int, group: str):
+        self.placement, self.size, self.world, self.rank, self.group = placement, vocab, world, rank, group
+        self.sharded = world > 1 and placement != R
+        # contiguous slices (a plain shard of the last dim) allow the local argmax / top-k
+        self.contiguous = is_shard(placement) and shard_dim(placement) == 2 and split_factor(placement) == 1
+        self.local = vocab // world if self.contiguous else vocab
+        self.offset = rank * self.local if self.contiguous else 0
+        self.exchange_kind = "all_reduce" if isinstance(placement, Partial) else "all_gather"
+
+    def exchange_bytes(self, batch: int, k: int) -> int:
+        """Bytes of the (value, index) exchange: N x B x k pairs of float64 (or, when the
+        slices are not contiguous, the gathered (B, V) fp32 logits)."""
+        if not self.contiguous:
+            return batch * self.size * 4
+        return self.world * batch * min(k, self.local) * 2 * 8
 
 
 # ---------------------------------------------------------------- helpers

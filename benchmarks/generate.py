@@ -6,7 +6,10 @@
 
 Prefill = ``generate(max_new_tokens=1)`` (the prompt's forward and one token); decode per
 token = (``generate(max_new_tokens=1 + new)`` - prefill) / new.  Greedy, no padding.  The
-decode step's collectives and bytes per step come from its plan (``Generator.plan``).
+decode step's collectives and bytes per step (forward, full tensors moved) come from its plan
+(``Generator.decode_traffic``: the step graph's collectives plus the (value, index) exchange that
+picks the token from the vocab-split logits), beside what the step moved when it all-gathered the
+(batch, vocab) logits instead of the exchange.
 """
 import argparse
 import datetime
@@ -60,14 +63,12 @@ def _worker(rank, world, tmp, batches, prompt, new, reps):
             ours = _speeds(lambda x, n: pmodel.generate(x, max_new_tokens=n), ids, new, reps)
             hf = _speeds(lambda x, n: reference.generate(x, max_new_tokens=n, do_sample=False),
                          ids, new, reps) if reference is not None else None
-        plan = generator(pmodel).plan
-        counts = plan.counts()["forward"]
-        subs = {}
-        for c in plan.collectives():
-            for sym in c.sym_bytes.free_symbols:
-                subs[sym] = batch if str(sym) == "batch" else 1 if str(sym) == "seq" else prompt + new
-        step_bytes = sum(int(c.sym_bytes.subs(subs)) for c in plan.collectives() if c.forward)
-        rows.append((batch, ours, hf, dict(counts), step_bytes))
+        gen = generator(pmodel)
+        counts, step_bytes = gen.decode_traffic(batch, prompt + new)
+        gathering = step_bytes
+        if gen.vocab.sharded:                                   # the exchange replaced by a logits all-gather
+            gathering += batch * gen.vocab.size * 4 - gen.vocab.exchange_bytes(batch, 1)
+        rows.append((batch, ours, hf, counts, (step_bytes, gathering)))
     if rank == 0:
         with open(os.path.join(tmp, f"gen{world}.txt"), "w") as f:
             f.write(repr(rows))
@@ -86,15 +87,15 @@ def main():
           f"{CFG['num_hidden_layers']} layers, vocab {CFG['vocab_size']}, fp32, prompt {args.prompt}, {args.new} new "
           f"tokens, greedy; gloo ranks on this CPU (N > cores: ranks share cores)")
     print(f"{'N':>2} {'batch':>5} {'prefill ms':>10} {'HF prefill':>10} {'decode ms/tok':>13} {'HF decode':>9} "
-          f"{'tok/s':>7} {'HF tok/s':>8} {'vs HF':>6}  decode step collectives (bytes)")
+          f"{'tok/s':>7} {'HF tok/s':>8} {'vs HF':>6}  decode step: collectives (bytes; with the logits gathered)")
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
             mp.start_processes(_worker, args=(world, tmp, args.batches, args.prompt, args.new, args.reps),
                                nprocs=world, start_method="spawn")
-            for batch, (pre, dec), (hpre, hdec), counts, step_bytes in eval(open(os.path.join(tmp, f"gen{world}.txt")).read()):
+            for batch, (pre, dec), (hpre, hdec), counts, (step_bytes, gathering) in eval(open(os.path.join(tmp, f"gen{world}.txt")).read()):
                 print(f"{world:>2} {batch:>5} {pre * 1e3:>10.1f} {hpre * 1e3:>10.1f} {dec * 1e3:>13.2f} "
                       f"{hdec * 1e3:>9.2f} {batch / dec:>7.0f} {batch / hdec:>8.0f} {hdec / dec:>6.2f}  "
-                      f"{counts} ({step_bytes:,} B)")
+                      f"{counts} ({step_bytes:,} B; {gathering:,} B)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ lengths, repetition penalty, seeded sampling, streamer, ``return_dict_in_generat
 errors.  Compared with the unsharded model's own ``generate`` at N = 1 and N = 2 (real gloo
 processes: each rank also plans a 1-rank tensor-parallel mesh for N = 1).
 
-One start of 2 processes runs every case (CPU CI budget)."""
+One start of 2 processes runs those cases (CPU CI budget); one start of 4 (``run_cases``) runs the
+N = 4 cases: equality with the logits split by vocab, tie-breaking of the (value, index) exchange,
+``stop_strings``, the collectives of a decode step, and the step under ``torch.compile``."""
 import copy
 import datetime
 import os
@@ -285,3 +287,175 @@ def test_sampled_next_tokens_follow_the_unsharded_softmax(per_rank, world):
         # the test has teeth: the same draws against the distribution without the temperature fail
         assert r["control"] > r["control_threshold"], (r["control"], r["control_threshold"])
     assert per_rank[0][f"chi2/{world}"]["tokens"] == per_rank[1][f"chi2/{world}"]["tokens"]
+
+
+# ---------------------------------------------------------------- N = 4: exactness and what a decode step moves
+WORLD4 = 4
+TOP_K = dict(do_sample=True, temperature=0.7, top_k=5)     # the sampling that needs no full row
+
+
+def _collectives():
+    """A dispatch mode that records every functional collective run while active, as
+    ``(op, numel, bytes)`` of the tensor it makes.  (``CommDebugMode`` counts the same ops, but its
+    module tracker fails on the step's ``GraphModule``; and it gives no sizes.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Collectives(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.namespace == "_c10d_functional" and func._opname != "wait_tensor":
+                self.seen.append((func._opname, out.numel(), out.numel() * out.element_size()))
+            return out
+
+    return Collectives()
+
+
+def _char_tokenizer(vocab_size: int):
+    """A character-level tokenizer built here (no download): token i is one character (the
+    printable ASCII ones, then CJK), split one character a token and decoded by concatenation."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(c) for c in range(33, 127)] + [chr(0x4E00 + i) for i in range(vocab_size)]
+    tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars[:vocab_size])}, unk_token="!"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def _n4_cases():
+    import autotp
+    from autotp.generation import generator
+    torch.manual_seed(0)
+    model = build("llama", num_key_value_heads=4).eval()     # 4 kv heads: the cache splits at N = 4
+    reference = copy.deepcopy(model)
+    ids, mask = _prompts(torch.Generator().manual_seed(1))
+    pmodel = autotp.parallelize(model, (ids,))
+    gen = generator(pmodel)
+
+    def equal(**kw):
+        torch.manual_seed(1234)
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=1, **kw)
+        if kw.get("do_sample"):
+            kw["seed"] = 1234
+        got = pmodel.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=1, **kw)
+        return got.tolist(), want.tolist()
+
+    def greedy():
+        plain = reference.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, pad_token_id=1)
+        eos = [int(plain[0, ids.shape[1] + 1]), int(plain[1, ids.shape[1] + 2])]
+        return dict(padded=equal(do_sample=False), two_eos=equal(do_sample=False, eos_token_id=eos),
+                    penalty=equal(do_sample=False, repetition_penalty=1.5), top_k=equal(**TOP_K),
+                    layout=str(gen.vocab.placement))
+
+    def stop_strings():
+        tokenizer = _char_tokenizer(model.config.vocab_size)
+        plain = reference.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, pad_token_id=1)
+        stop = tokenizer.convert_ids_to_tokens(int(plain[0, ids.shape[1] + 1]))   # row 0's second new token
+        return dict(stop=stop, prompt=ids.shape[1],
+                    tokens=equal(do_sample=False, stop_strings=[stop], tokenizer=tokenizer))
+
+    def moved():
+        """Collectives of prompts of one token (so prefill is a decode-sized step) x 4 steps."""
+        prompt, steps, out = ids[:, -1:], 4, {}
+        for name, kw in {"greedy": dict(do_sample=False), "top_k": dict(TOP_K, seed=0),
+                         "top_p": dict(do_sample=True, top_p=0.9, seed=0)}.items():
+            with _collectives() as c:
+                pmodel.generate(prompt, max_new_tokens=steps, eos_token_id=None, pad_token_id=1, **kw)
+            out[name] = dict(seen=c.seen)
+        out["steps"], out["batch"], out["vocab"] = steps, prompt.shape[0], model.config.vocab_size
+        out["planned"] = {k: gen.decode_traffic(prompt.shape[0], 1 + steps, k=k) for k in (1, TOP_K["top_k"])}
+        out["layers"] = model.config.num_hidden_layers
+        return out
+
+    def ties():
+        """``sharded_argmax`` / ``sharded_top_k`` on crafted rows split in 4 slices of 4, against
+        ``argmax`` and ``TopKLogitsWarper`` on the whole row."""
+        from transformers.generation.logits_process import TopKLogitsWarper
+        from autotp.generation import VocabLayout
+        from autotp.decoding import sharded_argmax, sharded_top_k
+        from autotp.placement import S
+        vocab = VocabLayout(S(2), 16, WORLD4, gen.rank, gen.group_name)
+        nan = float("nan")
+        crafted = torch.zeros(4, 16)
+        crafted[1, [6, 13]] = 5.0                      # a tie across ranks 1 and 3: 6 wins
+        crafted[2, [3, 4]] = 2.0                       # across a slice boundary: 3 wins
+        crafted[3, 2], crafted[3, [9, 14]] = 7.0, nan  # NaN is the maximum, the first one wins
+        rows = torch.cat([crafted, torch.randint(0, 3, (24, 16), generator=torch.Generator().manual_seed(2)).float(),
+                          torch.randn(8, 16, generator=torch.Generator().manual_seed(3))])
+        mine = rows[:, vocab.offset:vocab.offset + vocab.local]
+        out = dict(argmax=(sharded_argmax(vocab, mine).tolist(), rows.argmax(-1).tolist()), top_k=[])
+        warper = TopKLogitsWarper(3)                 # k < the 4 ids a rank holds
+        for i in range(4, rows.shape[0]):              # per row: a tie at the k-th value gathers that row
+            got = sharded_top_k(vocab, mine[i:i + 1], warper)
+            out["top_k"].append(None if got is None else bool(torch.equal(got, warper(None, rows[i:i + 1]))))
+        return out
+
+    def compiled():
+        got = pmodel.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=1,
+                              compile={"backend": "aot_eager"})
+        return got.tolist(), equal(do_sample=False)[1]
+
+    return {"greedy": greedy, "stop_strings": stop_strings, "moved": moved, "ties": ties, "compiled": compiled}
+
+
+@pytest.fixture(scope="module")
+def n4():
+    from ranks import run_cases
+    return run_cases(_n4_cases, WORLD4, timeout_s=300)
+
+
+def test_n4_greedy_and_top_k_equal_hf_from_vocab_slices(n4):
+    from ranks import case
+    for rank, r in enumerate(case(n4, "greedy")):
+        assert r["layout"] == "S(2)", r["layout"]            # the logits stay split by vocab
+        for key in ("padded", "two_eos", "penalty", "top_k"):
+            got, want = r[key]
+            assert got == want, f"rank {rank} {key}:\n{got}\n!= HF\n{want}"
+
+
+def test_n4_ties_broken_as_argmax_and_top_k_on_the_full_row(n4):
+    from ranks import case
+    for r in case(n4, "ties"):
+        got, want = r["argmax"]
+        assert got == want, (got, want)
+        assert want[:4] == [0, 6, 3, 9]
+        exact = r["top_k"]
+        assert all(e in (True, None) for e in exact), exact    # never a wrong row
+        assert None in exact[:24] and True in exact[:24]        # ties at the k-th value: some rows gathered
+        assert exact[24:] == [True] * 8                         # distinct values: all from the exchange
+
+
+def test_n4_stop_strings_with_a_local_tokenizer(n4):
+    from ranks import case
+    for r in case(n4, "stop_strings"):
+        got, want = r["tokens"]
+        assert got == want, (got, want)
+        # the stop string ended row 0 after its second new token; the rest is padding
+        new = want[0][r["prompt"]:]
+        assert new[2:] == [1] * (len(new) - 2) and 1 not in new[:2], (new, r["stop"])
+
+
+def test_n4_decode_step_moves_no_logits(n4):
+    """Greedy and top-k: 2 all-reduces per layer + 2 (the embedding's all-gather and the token
+    exchange), none the size of the (batch, vocab) logits; top-p gathers them (the control)."""
+    from ranks import case
+    for r in case(n4, "moved"):
+        batch, vocab, steps = r["batch"], r["vocab"], r["steps"]
+        for name, k in (("greedy", 1), ("top_k", TOP_K["top_k"])):
+            seen = r[name]["seen"]
+            counts, step_bytes = r["planned"][k]
+            assert counts == {"all_reduce": 2 * r["layers"], "all_gather": 2}, counts
+            assert len(seen) == steps * sum(counts.values()), seen
+            assert max(n for _, n, _ in seen) < batch * vocab, seen
+            assert sum(b for _, _, b in seen) == steps * step_bytes, (seen, step_bytes)
+        assert any(n == batch * vocab for _, n, _ in r["top_p"]["seen"]), r["top_p"]["seen"]
+
+
+def test_n4_decode_step_under_torch_compile(n4):
+    from ranks import case
+    for got, want in case(n4, "compiled"):
+        assert got == want, (got, want)
