@@ -28,6 +28,11 @@ function               forward                      backward
 ``gather_tokens_rs``   L -> R   all-gather           reduce-scatter
 ``reduce_scatter_      P -> L   reduce-scatter       all-gather
 tokens``
+``group_slice``        Grid(S(d), R, a)  keep own    zero elsewhere (the group's
+                       -> S(d)   chunk of the       gradient is a partial sum)
+                       group's block
+``reduce_grad_in_      Grid(S(d), R, a): identity   all-reduce over the group
+group``                                             (a kv weight's gradient)
 ``sharded_amax``       S(d) -> R  max over the      none (a shift: no gradient)
                        sharded dim: all-reduce max
 ``sharded_logsumexp``  S(d) -> R  log-sum-exp over  own slice of the softmax
@@ -220,6 +225,50 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
     """R used inside a sharded op (Megatron's f): identity forward, all-reduce backward."""
     return _ReduceGrad.apply(x, group)
+
+
+# The N/a ranks of each group of a 2-D (a, N/a) view of a mesh (kv heads replicated over the
+# ranks that read them): (tensor-parallel group name, a) -> that rank's group's name.  Filled by
+# the runtime when it builds the view (``runtime.mesh_for``), before any step runs.
+GROUPS_OF: dict[tuple[str, int], str] = {}
+
+
+def _in_group(group, groups: int) -> str:
+    name = _group_name(group)
+    if groups == 1:
+        return name
+    try:
+        return GROUPS_OF[(name, groups)]
+    except KeyError:
+        raise RuntimeError(f"no ({groups}, N/{groups}) view of process group {name!r} was built; "
+                           f"autotp.parallelize builds it for the parameters placed on it") from None
+
+
+def reduce_grad_in_group(x: torch.Tensor, group: str, groups: int) -> torch.Tensor:
+    """Grid(S(d), R, a), a parameter whose rows every rank of a group holds (a kv head replicated
+    over the ranks of its query heads): identity forward; backward, its gradient — each rank's
+    share from its own query heads — is all-reduced over the group."""
+    return _ReduceGradInGroup.apply(x, group, groups)
+
+
+class _ReduceGradInGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, groups):
+        ctx.group = (group, groups)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _ar(g, _in_group(*ctx.group)), None, None
+
+
+def group_slice(x: torch.Tensor, dim: int, factor: int, groups: int, group: str, world: int, rank: int) -> torch.Tensor:
+    """Grid(S(dim, factor), R, groups) -> S(dim, factor): this rank's chunk of its group's block,
+    no communication.  Backward pads with zeros: the gradient of a group-replicated tensor is a
+    partial sum over the group (``placement.Grid``), summed where it reaches a parameter or a
+    replicated activation."""
+    b = world // groups
+    return _chunk(x, dim, factor, b, rank % b)
 
 
 def sharded_amax(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:

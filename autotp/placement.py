@@ -16,7 +16,7 @@ import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "D", "DisjointPartial", "TokenLocal", "L", "X",
-           "ExpertRows", "Grid", "grid", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk",
+           "ExpertRows", "Grid", "grid", "group_replicated", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk",
            "normalize"]
 
 R = Replicate()
@@ -123,7 +123,15 @@ class Grid(_Keyed):
 
     After the second (row-parallel) expert matmul the pieces are partial over ``b`` and
     disjoint over ``a``: an ordinary ``Partial`` over all N ranks, so one all-reduce combines,
-    exactly as for either pure form.  ``grid(outer, inner, a)`` builds one and folds the
+    exactly as for either pure form.
+
+    The same view places the kv heads of a GQA attention with fewer kv heads than ranks
+    (vLLM's and Megatron's kv-head replication): ``outer = S(d)`` (one kv head per group of
+    the ``b`` ranks whose query heads read it), ``inner = R`` (the group's ranks hold it
+    whole).  Such a tensor's *gradient* is a partial sum over the group — each rank's share
+    comes from its own query heads — as the gradient of a replicated tensor feeding sharded
+    ops is over all ranks; it is summed where it reaches a parameter (``comm.reduce_grad``
+    over the group) or a replicated activation (whose ``f`` sums over every rank).  ``grid(outer, inner, a)`` builds one and folds the
     combinations that are 1-D placements.  Rules never see a ``Grid``: propagation runs an
     op's rule once per mesh dim and pairs the strategies (``passes/rules/grid.py``)."""
     __slots__ = ("outer", "inner", "groups")
@@ -147,7 +155,8 @@ def grid(outer, inner, groups: int):
     placement where it is one (both replicated; partial inside a group of disjoint rows), or
     None where it is neither a 1-D placement nor a ``Grid`` the runtime supports: stacked expert
     weights ``(S(0), S(d))``, and the rows of a group's experts — all its routed rows (``D``),
-    or the ones dispatched to it (``X``) — whole, column-split or partial inside the group."""
+    or the ones dispatched to it (``X``) — whole, column-split or partial inside the group; and
+    kv heads split over groups, whole inside each (``(S(d), R)``)."""
     if outer == R and inner == R:
         return R
     if outer in (D, P) and inner == P:
@@ -158,7 +167,15 @@ def grid(outer, inner, groups: int):
         return Grid(outer, inner, groups)
     if outer == X and (inner in (R, P) or is_shard(inner) and inner.dim != 0):
         return Grid(outer, inner, groups)
+    if is_shard(outer) and inner == R:
+        return Grid(outer, inner, groups)      # heads split over groups, whole inside each (kv heads)
     return None
+
+
+def group_replicated(p) -> bool:
+    """A ``Grid(S(d), R, a)``: split over the groups, whole on each rank of a group (kv heads
+    replicated over the query heads' ranks); its gradient is partial inside the group."""
+    return isinstance(p, Grid) and is_shard(p.outer) and p.inner == R
 
 
 def S(dim: int, factor: int = 1) -> Placement:

@@ -11,6 +11,8 @@ import datetime
 import os
 
 import torch
+
+from autotp import comm
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
@@ -87,6 +89,8 @@ def mesh_for(mesh: DeviceMesh, p) -> tuple[DeviceMesh, list]:
             _GRID_MESHES[key] = mesh._unflatten(0, shape, ("ep", "etp"))
         except (AttributeError, TypeError, ValueError, RuntimeError):    # a torch without _unflatten
             _GRID_MESHES[key] = DeviceMesh(mesh.device_type, mesh.mesh.reshape(shape), mesh_dim_names=("ep", "etp"))
+        # the group of this rank's (kv) group, for the gradients summed inside it (comm.reduce_grad_in_group)
+        comm.GROUPS_OF[(mesh.get_group().group_name, p.groups)] = _GRID_MESHES[key].get_group("etp").group_name
     return _GRID_MESHES[key], [p.outer, p.inner]
 
 

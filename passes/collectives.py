@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from autotp import comm
-from autotp.placement import R, fmt
+from autotp.placement import R, fmt, group_replicated, local_shape
 from autotp.passes.context import PassContext, block_path
 from autotp.passes.redistribute import steps
 from autotp.passes.rules import tensor_inputs, val
@@ -112,6 +112,24 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             made[key] = new
         return made[key]
 
+    def group_grad_reduced(t: fx.Node, consumer: fx.Node) -> fx.Node:
+        """A parameter whose rows a group of ranks holds whole (``Grid(S(d), R, a)``, kv heads):
+        its gradient, each rank's share from its own query heads, is summed over the group."""
+        key = (t, "group f")
+        if key not in made:
+            groups = _placement(t).groups
+            with _after(graph, t, consumer):
+                new = graph.call_function(comm.reduce_grad_in_group, (t, ctx.group, groups))
+            new.meta["val"], new.meta["autotp_val"] = t.meta["val"], val(t)
+            _copy_meta(consumer, new)
+            new.meta["autotp"] = {"placement": _placement(t), "collective": "reduce_grad_in_group", "forward": None,
+                                  "backward": "all_reduce", "volume": _group_volume(groups, ctx.world),
+                                  "reason": f"{t.name} is {fmt(_placement(t))}: each of the {ctx.world // groups} "
+                                            f"ranks holding a kv head has its query heads' share of the gradient, "
+                                            f"all-reduced over them in backward"}
+            made[key] = new
+        return made[key]
+
     for node in list(graph.nodes):
         info = node.meta.get("autotp", {})
         if node.op == "output":
@@ -132,6 +150,8 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             grads = val(t) is not None and val(t).is_floating_point()
             if need == R and not strategy.replicated and grads and _carries_grad(t):
                 src = grad_reduced(src, node)
+            elif group_replicated(have) and t.op == "placeholder" and t.name in ctx.params and grads:
+                src = group_grad_reduced(t, node)
             if src is not t:
                 _replace_input(node, i, src)
     _fuse_gather_and_grad_reduce(graph)
@@ -140,6 +160,13 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _group_volume(groups: int, world: int) -> float:
+    """An all-reduce of a full tensor's 1/``groups`` over the ``world/groups`` ranks of a group, as a
+    multiple of an all-reduce of the full tensor over all ranks (ring: 2(n-1)/n x bytes)."""
+    b = world // groups
+    return (1 / groups) * ((b - 1) / b) / ((world - 1) / world) if world > 1 else 0.0
 
 
 def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
@@ -175,11 +202,11 @@ def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
     Where FSDP2 shards the parameters per layer (``ctx.dp_sharded``) a layer's parameters are
     gathered only for the layer, so a bucket cannot read them ahead of it: one bucket per block
     (``block_path``; the root's part is one more), inside the block, one all-reduce per layer."""
-    fs = [n for n in graph.nodes if n.op == "call_function" and n.target is comm.reduce_grad
+    fs = [n for n in graph.nodes if n.op == "call_function" and n.target in (comm.reduce_grad, comm.reduce_grad_in_group)
           and n.args[0].op == "placeholder" and n.args[0].name in ctx.params]
     groups: dict = {}
-    for f in fs:
-        groups.setdefault(block_path(f) if ctx.dp_sharded else None, []).append(f)
+    for f in fs:                      # one bucket per collective and process group (kv weights: their group)
+        groups.setdefault((block_path(f) if ctx.dp_sharded else None, f.target, f.args[2:]), []).append(f)
     for block, group in groups.items():
         if len(group) >= 2 and len({val(f.args[0]).dtype for f in group}) == 1:
             # a block's bucket sits where the block first reads one; the model's right after its inputs
@@ -191,36 +218,47 @@ def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext
     """One ``reduce_grad`` for the parameters ``fs`` reduce, placed before ``first``; ``inside``:
     the bucket belongs to the block of ``fs[0]`` (its module path), else to the model's root."""
     params = [f.args[0] for f in fs]
+    # a kv weight (Grid(S(d), R, a)) is bucketed as its local rows: what its group all-reduces
+    grid = fs[0].target is comm.reduce_grad_in_group
+    locals_ = [val(p).new_empty(local_shape(val(p).shape, _placement(p), ctx.world)) if grid else val(p)
+               for p in params]
     flats = []
     for p in params:
         with graph.inserting_before(first):
             flats.append(graph.call_function(torch.ops.aten.reshape.default, (p, [-1])))
     with graph.inserting_before(first):
         cat = graph.call_function(torch.ops.aten.cat.default, (flats,))
-        bucket = graph.call_function(comm.reduce_grad, (cat, ctx.group))
-    total = sum(val(p).numel() for p in params)
-    like = val(params[0])
-    for n, v in [*zip(flats, (val(p).reshape(-1) for p in params)), (cat, like.new_empty(total)),
+        bucket = graph.call_function(fs[0].target, (cat, *fs[0].args[1:]))
+    total = sum(v.numel() for v in locals_)
+    like = locals_[0]
+    for n, v in [*zip(flats, (v.reshape(-1) for v in locals_)), (cat, like.new_empty(total)),
                  (bucket, like.new_empty(total))]:
         n.meta["val"] = n.meta["autotp_val"] = v
-        n.meta["autotp"] = {"placement": R}
+        n.meta["autotp"] = {"placement": None if grid else R}      # None: the value is the local one
         if inside:
             _copy_meta(fs[0], n)
-    bucket.meta["autotp"].update(collective="reduce_grad", forward=None, backward="all_reduce",
-                                 reason=f"{len(params)} replicated parameters feed sharded ops: their gradients are "
-                                        f"partial sums, all-reduced together in one bucket")
+    bucket.meta["autotp"].update({k: v for k, v in fs[0].meta["autotp"].items() if k not in ("placement", "reason")})
+    bucket.meta["autotp"]["reason"] = (
+        f"{len(params)} kv weights replicated over their groups: their gradients, partial sums over each group, "
+        f"all-reduced together in one bucket" if grid else
+        f"{len(params)} replicated parameters feed sharded ops: their gradients are partial sums, all-reduced "
+        f"together in one bucket")
+    if grid:                              # the bucket holds local rows: 1/groups of the weights' bytes
+        bucket.meta["autotp"]["volume"] *= fs[0].args[2]
     offset, cur = 0, bucket
-    for f, p in zip(fs, params):
-        n = val(p).numel()
+    for f, p, v in zip(fs, params, locals_):
+        n = v.numel()
         with graph.inserting_after(cur):
             piece = graph.call_function(torch.ops.aten.slice.Tensor, (bucket, 0, offset, offset + n))
         with graph.inserting_after(piece):
-            view = graph.call_function(torch.ops.aten.view.default, (piece, list(val(p).shape)))
+            view = graph.call_function(torch.ops.aten.view.default, (piece, list(v.shape)))
         piece.meta["val"] = piece.meta["autotp_val"] = like.new_empty(n)
         view.meta["val"] = view.meta["autotp_val"] = val(p)
-        for node in (piece, view):
-            node.meta["autotp"] = {"placement": R}
-            _copy_meta(f, node)
+        piece.meta["autotp"] = {"placement": None if grid else R}
+        view.meta["autotp"] = {"placement": _placement(p)}
+        if inside:                        # a root bucket's pieces are the root's: the blocks stay contiguous
+            for node in (piece, view):
+                _copy_meta(f, node)
         f.replace_all_uses_with(view)
         graph.erase_node(f)
         offset, cur = offset + n, view

@@ -45,7 +45,7 @@ from torch._guards import detect_fake_mode
 
 from autotp import comm
 from autotp.kernels.attention_op import select_backend
-from autotp.placement import R, S, is_shard, split_factor
+from autotp.placement import Grid, R, S, is_shard, split_factor
 from autotp.passes.causal_mask import is_size_only_causal
 from autotp.passes.context import PassContext, module_path
 from autotp.passes.localize import check_local_shapes
@@ -322,7 +322,10 @@ def _unrepeat_kv(found: _Attention) -> _Attention:
     """Feed k, v from before their ``repeat_kv`` with ``enable_gqa=True``, when that is safe."""
     if val(found.q).ndim != 4:
         return found
-    k_rep, v_rep = _repeat_kv_source(found.k), _repeat_kv_source(found.v)
+    # kv heads replicated over groups reach a rank's query heads through a group_slice of the repeat
+    k_slice, v_slice = (x if x.target is comm.group_slice and len(x.users) == 1 else None for x in (found.k, found.v))
+    k_rep = _repeat_kv_source(k_slice.args[0] if k_slice is not None else found.k)
+    v_rep = _repeat_kv_source(v_slice.args[0] if v_slice is not None else found.v)
     if k_rep is None or v_rep is None:
         return found
     (k, k_nodes, k_n, k_f), (v, v_nodes, v_n, v_f) = k_rep, v_rep
@@ -332,14 +335,25 @@ def _unrepeat_kv(found: _Attention) -> _Attention:
     heads_split = pq == R or (is_shard(pq) and pq.dim == 1)
     for src, rep, f in ((k, found.k, k_f), (v, found.v, v_f)):
         same = _placement(src) == pq == _placement(rep) and f is None
-        # MQA: one kv head, replicated, serves whichever query heads a rank holds
-        single_kv_head = _placement(src) == R and val(src).shape[1] == 1 and heads_split
+        # MQA: one kv head, replicated, serves whichever query heads a rank holds; likewise the one
+        # local kv head of a group that holds it whole (Grid(S(1), R, H_kv))
+        single_kv_head = _local_heads(src) == 1 and heads_split
         if not (same or single_kv_head):
             return found            # the local heads would not line up; keep the (correct) repeats
     found.k, found.v, found.enable_gqa = k_f or k, v_f or v, True
     found.regrad = [(f, src) for f, src in ((k_f, k), (v_f, v)) if f is not None]
-    found.replaced += k_nodes + v_nodes
+    found.replaced += k_nodes + v_nodes + [x for x in (k_slice, v_slice) if x is not None]
     return found
+
+
+def _local_heads(src: fx.Node) -> int:
+    """Heads (dim 1) of ``src`` on one rank: all of them when replicated, 1 per group of a Grid."""
+    p = _placement(src)
+    if p == R:
+        return val(src).shape[1]
+    if isinstance(p, Grid) and is_shard(p.outer) and p.outer.dim == 1 and p.inner == R:
+        return val(src).shape[1] // p.groups
+    return -1
 
 
 def _repeat_kv_source(rep: fx.Node):

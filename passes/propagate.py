@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from autotp.passes.context import AutoTPError, PassContext, where
 from autotp.passes.rules import RuleContext, Strategy, dedupe, find_rule, replicate_strategy, tensor_inputs, val
+from autotp.passes.rules.attention import kv_head_groups
 from autotp.passes.rules.grid import grid_strategies
 from autotp.passes.rules.tokens import seq_symbols, token_rows, token_strategies
 from autotp.placement import Grid, R, S, can_shard, is_shard
@@ -44,6 +45,12 @@ def meta(node: fx.Node) -> dict:
 
 def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     factors = split_factors(gm)
+    kv_groups = kv_head_groups(gm, ctx.world, ctx.params)
+    if ctx.dp_sharded and any(g > 1 for gs in kv_groups.values() for g in gs):
+        ctx.note("fewer kv heads than tensor-parallel ranks: kv heads are not replicated over the ranks that read "
+                 "them when FSDP2 shards the parameters (their 2-D placement is not offered with FSDP2), so the "
+                 "kv heads are split and gathered; use a tensor-parallel size at most the kv head count to avoid it")
+        kv_groups = {}
     candidates: dict[fx.Node, set] = {}
     rctx = RuleContext(world=ctx.world, factors=factors, _candidates=candidates)
     unknown: dict[str, list[fx.Node]] = {}
@@ -55,7 +62,9 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             continue
         v = val(node)
         if node.op == "placeholder":
-            strategies = _placeholder_strategies(node, ctx, factors)
+            strategies = _placeholder_strategies(node, ctx, factors, kv_groups)
+            if node.name in kv_groups:        # the solver's memory budget allows their replication
+                meta(node)["kv_groups"] = kv_groups[node.name]
         elif node.op == "call_function" and node.target is operator.getitem:
             meta(node)["alias_of"] = (node.args[0], node.args[1])
             src = meta(node.args[0]).get("strategies")
@@ -170,12 +179,12 @@ def _has_tensor(v) -> bool:
     return isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v)
 
 
-def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors) -> list[Strategy]:
+def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors, kv_groups=None) -> list[Strategy]:
     v = val(node)
     if not isinstance(v, torch.Tensor):
         return []
     if node.name in ctx.state_outputs.values():
-        return state_input_strategies(node, ctx)
+        return state_input_strategies(node, ctx, set().union(*(kv_groups or {}).values()))
     name = ctx.params.get(node.name)
     if name is None or not v.is_floating_point():
         return [Strategy((), R)]
@@ -193,13 +202,20 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors) -> list[St
                          f"blocks may be gathered")
                 continue
             options.append(Strategy((), S(d, f)))
-    return options + ([] if ctx.dp_sharded else grid_options(v, ctx.world, factors))
+    if ctx.dp_sharded:
+        return options
+    return options + grid_options(v, ctx.world, factors) + [
+        Strategy((), Grid(S(d), R, g)) for g in sorted((kv_groups or {}).get(node.name, ())) if g > 1 for d in range(v.ndim) if can_shard(v.shape[d], 1, g)]
 
 
 def grid_options(v: torch.Tensor, world: int, factors) -> list[Strategy]:
     """A stacked expert weight (3-D: experts first) may also split both ways: whole experts over
     ``a`` groups of ranks and a column or row slice of each over the ``N/a`` ranks of a group
-    (``Grid``), for every ``a`` that divides both N and the expert count, 1 < a < N."""
+    (``Grid``), for every ``a`` that divides both N and the expert count, 1 < a < N.
+
+    (A parameter feeding k or v of an attention with ``H_kv < N`` kv heads is offered
+    ``Grid(S(d), R, H_kv)`` too: split by kv head over groups, whole inside a group —
+    ``_placeholder_strategies``, ``rules/attention.kv_head_groups``.)"""
     if v.ndim != 3 or world < 4:
         return []
     out = []
@@ -213,14 +229,18 @@ def grid_options(v: torch.Tensor, world: int, factors) -> list[Strategy]:
     return out
 
 
-def state_input_strategies(node: fx.Node, ctx: PassContext) -> list[Strategy]:
+def state_input_strategies(node: fx.Node, ctx: PassContext, kv_groups=()) -> list[Strategy]:
     """A user input carried from call to call (``ctx.state_outputs``, a KV cache): replicated,
-    or split on any fixed-size dim that divides (the heads of a cache).  Symbolic dims (batch,
-    cache length) are not split: their local size would depend on the call."""
+    or split on any fixed-size dim that divides (the heads of a cache), or split over ``g`` groups
+    of ranks and whole inside each (``kv_groups``: a cache of kv heads replicated over the ranks
+    that read them).  Symbolic dims (batch, cache length) are not split: their local size would
+    depend on the call."""
     options = [Strategy((), R)]
     for d, size in enumerate(node.meta["val"].shape):
         if isinstance(size, torch.SymInt) and size.node.expr.is_number:
             size = int(size.node.expr)
         if isinstance(size, int) and can_shard(size, 1, ctx.world):
             options.append(Strategy((), S(d)))
+        if isinstance(size, int):
+            options += [Strategy((), Grid(S(d), R, g)) for g in sorted(kv_groups) if g > 1 and can_shard(size, 1, g)]
     return options

@@ -12,7 +12,7 @@ import dataclasses
 
 from autotp import comm
 from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
-from autotp.placement import D, P, R, X, ExpertRows, Grid, Placement, TokenLocal, split_factor
+from autotp.placement import D, P, R, X, ExpertRows, Grid, Placement, TokenLocal, group_replicated, split_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,9 @@ def steps(src: Placement, dst: Placement) -> list[Step] | None:
         if dst.kind != "s":
             return None
         return [Step(comm.moe_combine, (src.groups,), ALL_TO_ALL, ALL_TO_ALL, groups=src.groups)]
+    if group_replicated(src) and src.outer == dst:
+        # kv heads replicated over a group -> this rank's query heads' share: a local slice
+        return [Step(comm.group_slice, (dst.dim, split_factor(dst), src.groups), None, None)]
     if isinstance(src, Grid) or isinstance(dst, Grid):
         return None                   # other EP x TP pieces leave the expert block only through ops
     if isinstance(src, TokenLocal) and dst == X:

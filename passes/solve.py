@@ -21,19 +21,28 @@ Constraints
     (outputs)  graph outputs are R (unless ``sharded_outputs``), except carried state (a KV
                cache, ``ctx.state_outputs``): X[out,q] = X[in,q], its input's placement, no move
 
-Objective, lexicographic
-    1. memory:  minimise sum_k y[w,k] * bytes(w) / (N if k shards w else 1) over weight
-       matrices w (parameters with >= 2 dims and >= 1/10 of the median matrix)
+Objective: the fastest plan within a weight-memory budget, in levels
+    1. memory:  M* = min sum_k y[w,k] * bytes(w) * frac(k) over weight matrices w (parameters
+       with >= 2 dims and >= 1/10 of the median matrix); frac(k) = the part of w one rank holds
+       (1/N for a shard, 1/a for Grid(S(d), R, a), 1 replicated).
+       The budget is B = M* + A.  A, the replication allowance, is what keeping whole kv heads
+       costs: for every weight computing the k or v of an attention with H_kv < N kv heads
+       (``rules/attention.kv_head_groups``), the bytes of its Grid(S(d), R, H_kv) strategy
+       (replicated for MQA) minus its cheapest.  A = 0 on a model without such attention, so
+       its plan is exactly the least-memory one, as before.  Levels 1b and 2 hold
+       sum_k y[w,k] * bytes(w) * frac(k) <= B; when the plan found uses more than M*, a last
+       level (3) minimises memory at its time, and the plan notes the bytes spent and the
+       time saved against the best plan at M*.
    (1b. activations, with ``sequence_parallel``: minimise the bytes of every floating
        activation per rank, sum_k y[v,k] * bytes(v) / (N if k shards v's output else 1), plus
-       the outputs of the redistributions r, with weight memory held at its optimum.  On a
+       the outputs of the redistributions r, with weight memory within the budget.  On a
        decoder this is Megatron-SP: norms and residual adds sharded along the sequence, each
        all-reduce split into a reduce-scatter and an all-gather.  With ``max_activation_mib``
        instead, the activation bytes are a constraint (<= the cap) on level 2, not a level:
        the fastest plan that fits, which splits the sequence only as far as the cap needs.)
     2. time:    minimise sum r[t,q,p] * T(q->p, t) + sum z[t] * T_allreduce(t) + eps * (#sharded ops)
        - sum g[t] * (T_allreduce(t) - T_reduce_scatter(t))
-       with memory held at its optimum.  g[t] <= z[t], g[t] <= [t is produced sharded]: a
+       with memory within the budget.  g[t] <= z[t], g[t] <= [t is produced sharded]: a
        sharded tensor all-gathered for sharded consumers needs no all-reduce of its gradient,
        only a reduce-scatter (the fused gather's backward, ``comm.all_gather_rs``).  Only "large" weights count in 1 (``large_weights``):
        a small matrix such as a MoE router may stay replicated when splitting it would cost a
@@ -55,11 +64,11 @@ from scipy.sparse import coo_matrix
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
 from autotp.passes.context import AutoTPError, PassContext, node_layer
-from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time
+from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time, get_link
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.views import RESHAPES
-from autotp.placement import Grid, R, is_shard, split_factor, splits
+from autotp.placement import Grid, R, fmt, group_replicated, is_shard, local_shape, split_factor, splits
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
 _GRID_EPS = 3        # per Grid placement: among equal plans the 1-D ones first (EP x TP where neither pure form divides)
@@ -104,6 +113,15 @@ def _grids(s) -> float:
     among equal grids the one with more expert groups (whole experts, wider matmuls) wins."""
     outs = s.output if isinstance(s.output, tuple) else (s.output,)
     return sum(1 + 1 / p.groups for p in (*s.inputs, *outs) if isinstance(p, Grid))
+
+
+def _fraction(v: torch.Tensor, p, world: int) -> float:
+    """The part of ``v`` one rank holds under placement ``p`` (1/N for a shard, 1/a for kv heads
+    replicated over groups of N/a ranks, 1 when replicated)."""
+    if p is None or not v.ndim:
+        return 1.0
+    local = local_shape(v.shape, p, world)
+    return float(np.prod(local) / max(1, np.prod(list(v.shape))))
 
 
 def _bytes(t) -> int:
@@ -288,8 +306,12 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ids = y[rep] if rep is not None else []
         count_act = sp and is_activation(n, weight_like, n in grad or not ctx.training)
         for k, s in enumerate(strategies):
-            mem = _bytes(v) / (world if is_shard(s.output) or isinstance(s.output, Grid) else 1) if is_weight else 0.0
+            mem = _bytes(v) * _fraction(v, s.output, world) if is_weight else 0.0
             eps = 0.0 if s.replicated else _EPS * (1 + _strided(s) + _GRID_EPS * _grids(s))
+            if n.op == "placeholder" and n in grad and group_replicated(s.output):
+                # its gradient is summed over the group, in one bucket with the others: bytes, no latency
+                b = world // s.output.groups
+                eps += (reduce_grad_time(_bytes(v) / s.output.groups, b, link) - get_link(link).latency) * 1e6 if b > 1 else 0.0
             act = activation_bytes(n, s.output, ctx) if count_act else 0.0
             if rep is None:
                 ids.append(lp.var(mem=mem, t=eps, act=act))
@@ -427,7 +449,9 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     mem = np.array(lp.cost_mem)
     x1 = lp.solve(mem)
     best_mem = float(mem @ x1)
-    keep = [LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)]
+    allowance = _replication_allowance(nodes, large, y, tied, lp)
+    budget = best_mem + allowance
+    keep = [LinearConstraint(mem.reshape(1, -1), -np.inf, budget * (1 + 1e-9) + 0.5)]
     acost = np.array(lp.cost_act)
     tcost = np.array(lp.cost_time)
     x = None
@@ -442,6 +466,16 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             best_act = float(acost @ lp.solve(acost, keep))
             keep.append(LinearConstraint(acost.reshape(1, -1), -np.inf, best_act * (1 + 1e-7) + 1e-3))
         x = lp.solve(tcost, keep)
+    if float(mem @ x) > best_mem * (1 + 1e-9) + 0.5:  # the budget's slack was taken: the least memory at that time
+        x = lp.solve(mem, keep + [LinearConstraint(tcost.reshape(1, -1), -np.inf, float(tcost @ x) * (1 + 1e-7) + 1e-6)])
+    whole = _whole_kv_heads(nodes, y, x)
+    saved_us = None
+    if whole:                             # what keeping them whole saves: the best plan without
+        try:
+            split = lp.solve(tcost, keep + [LinearConstraint(_indicator(whole, len(tcost)), 0, 0)])
+            saved_us = float(tcost @ split) - float(tcost @ x)
+        except AutoTPError:               # none (placements pinned by the user or a forward plan)
+            pass
     for n in gm.graph.nodes:
         n.meta.setdefault("autotp", {})["grad"] = n in grad or not ctx.training
     for n in nodes:
@@ -457,11 +491,75 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if n.meta["autotp"]["placement"] == R and n not in tied and world > 1 and ctx.params[n.name] not in ctx.pins:
             ctx.note(f"{ctx.params[n.name]} {list(val(n).shape)} stays replicated: no split of it by {world} "
                      f"keeps its consumers local (sizes do not divide, or an op on it has no sharding rule)")
+    if whole:
+        _note_kv_replication(nodes, ctx, saved_us)
     ctx.solver_stats = {"variables": len(lp.cost_mem), "constraints": lp.nrows,
-                        "weight_bytes_per_rank": best_mem, "comm_time_us": float(tcost @ x),
+                        "weight_bytes_per_rank": float(mem @ x), "weight_bytes_min": best_mem,
+                        "weight_bytes_budget": budget, "comm_time_us": float(tcost @ x),
                         "activation_mib_per_rank": float(acost @ x) if sp else None,
                         "seconds": time.perf_counter() - t0}
     return gm
+
+
+def _keeps_kv_heads_whole(n: fx.Node, s) -> bool:
+    """Whether strategy ``s`` of parameter ``n`` keeps whole kv heads (``kv_groups``: the kv head
+    counts of the attentions it computes k or v for): Grid(S(d), R, H_kv), or replicated for MQA."""
+    groups = n.meta["autotp"].get("kv_groups") or ()
+    return group_replicated(s.output) and s.output.groups in groups or s.output == R and 1 in groups
+
+
+def _whole_kv_heads(nodes, y, x) -> list[int]:
+    """Every variable that keeps whole kv heads on groups of ranks, when the plan ``x`` chose one;
+    else []."""
+    ids = {j for n in nodes if n.meta["autotp"].get("kv_groups")
+           for s, j in zip(n.meta["autotp"]["strategies"], y[n]) if _keeps_kv_heads_whole(n, s)}
+    return sorted(ids) if any(x[j] > 0.5 for j in ids) else []
+
+
+def _indicator(ids: list[int], n: int) -> np.ndarray:
+    row = np.zeros((1, n))
+    row[0, ids] = 1.0
+    return row
+
+
+def _note_kv_replication(nodes, ctx: PassContext, saved_us: float | None) -> None:
+    """Say which k/v weights keep whole kv heads on groups of ranks, what it costs in weight bytes
+    per rank (against their least-memory split) and saves in communication (``saved_us``, against
+    the fastest plan that keeps no kv head whole)."""
+    whole, extra = [], 0.0
+    for n in nodes:
+        p = n.meta["autotp"].get("placement")
+        if not n.meta["autotp"].get("kv_groups") or not _keeps_kv_heads_whole(n, n.meta["autotp"]["strategy"]):
+            continue
+        least = min(_fraction(val(n), s.output, ctx.world) for s in n.meta["autotp"]["strategies"])
+        extra += _bytes(val(n)) * (_fraction(val(n), p, ctx.world) - least)
+        whole.append(n)
+    p = whole[0].meta["autotp"]["placement"]
+    copies = ctx.world // p.groups if isinstance(p, Grid) else ctx.world
+    names = ", ".join(ctx.params[n.name] for n in whole[:2]) + (", ..." if len(whole) > 2 else "")
+    saves = "" if saved_us is None else (f", saves {saved_us:.1f} us of communication per step at "
+                                         f"{get_link(ctx.link).name} against the best plan that keeps no kv head whole")
+    ctx.note(f"k/v heads replicated x{copies} over the ranks whose query heads read them ({len(whole)} weights: "
+             f"{names}; {fmt(p)}), as vLLM and Megatron do: +{extra / 2**20:.2f} MiB of weights per rank{saves}")
+
+
+def _replication_allowance(nodes, large, y, tied, lp: _ILP) -> float:
+    """Weight bytes per rank the plan may spend above the minimum: what replicating kv heads over
+    the ranks that read them costs — for each large weight computing the k or v of an attention
+    with fewer kv heads than ranks (``kv_groups``, from ``rules/attention.kv_head_groups``), its
+    dearest strategy that keeps whole kv heads (``Grid(S(d), R, H_kv)``; replicated for MQA)
+    minus its cheapest, every tied layer counted.  Zero for a model without such weights, whose
+    plan is then exactly the least-memory one."""
+    total = 0.0
+    for n in nodes:
+        groups = n.meta["autotp"].get("kv_groups")
+        if not groups or n not in large or n in tied:
+            continue
+        costs = [lp.cost_mem[j] for j in y[n]]
+        whole = [c for s, c in zip(n.meta["autotp"]["strategies"], costs) if _keeps_kv_heads_whole(n, s)]
+        if whole:
+            total += max(whole) - min(costs)
+    return total
 
 
 def tie_state_outputs(lp: _ILP, out_node: fx.Node, ctx: PassContext, producer_options) -> set[fx.Node]:

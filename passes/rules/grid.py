@@ -9,13 +9,17 @@ placed ``outer``) and once as if it were the ``N/a`` ranks of a group (inputs pl
 know about grids: silu, the gate product, the chunk of a fused gate/up and the transpose of
 an expert weight get theirs from ``pointwise.py`` and ``views.py`` unchanged.
 
-Only pairs without a ``localize`` hook are taken (a hook rewrites arguments for one mesh; the
-grouped matmul's own Grid strategies, which need one, are in ``moe.py``), inputs are
+A pair's ``localize`` hooks (a view's target shape, a split's sizes) run one after the other,
+each as if its mesh dim were the whole mesh: the per-group one with ``a`` ranks and this rank's
+group index, the in-group one with ``N/a`` ranks and its index inside the group.  Inputs are
 replicated on both mesh dims or a Grid the producer offers, and outputs fold through
 ``placement.grid`` (a row-parallel result partial inside disjoint groups is an ordinary
-``Partial``).
+``Partial``).  The grouped matmul's own Grid strategies are in ``moe.py``.
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import torch.fx as fx
 
@@ -62,10 +66,8 @@ def grid_strategies(node: fx.Node, rule: RuleFn, ctx: RuleContext, tokens=None) 
         in_group = _ask(node, rule, tokens, RuleContext(world=ctx.world // groups, factors=ctx.factors,
                                                         _candidates=inner))
         for sa in per_group:
-            if sa.localize is not None:
-                continue
             for sb in in_group:
-                if sb.localize is not None or len(sa.inputs) != len(sb.inputs):
+                if len(sa.inputs) != len(sb.inputs):
                     continue
                 inputs = []
                 for a, pa, pb in zip(ins, sa.inputs, sb.inputs):
@@ -76,5 +78,17 @@ def grid_strategies(node: fx.Node, rule: RuleFn, ctx: RuleContext, tokens=None) 
                 else:
                     ok, output = _fold(sa.output, sb.output, groups)
                     if ok and any(isinstance(p, Grid) for p in inputs):
-                        out.append(Strategy(tuple(inputs), output))
+                        hook = None if sa.localize is None and sb.localize is None else \
+                            functools.partial(_localize_pair, sa, sb, groups)
+                        out.append(Strategy(tuple(inputs), output, localize=hook))
     return dedupe(out)
+
+
+def _localize_pair(sa: Strategy, sb: Strategy, groups: int, node: fx.Node, strategy: Strategy, lctx) -> None:
+    """Run the per-group strategy's hook on the ``groups``-rank mesh of the groups, then the in-group
+    one's on the ``N/groups`` ranks of this rank's group."""
+    b = lctx.world // groups
+    if sa.localize is not None:
+        sa.localize(node, sa, dataclasses.replace(lctx, world=groups, rank=lctx.rank // b))
+    if sb.localize is not None:
+        sb.localize(node, sb, dataclasses.replace(lctx, world=b, rank=lctx.rank % b))
