@@ -63,7 +63,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
-from autotp.passes.context import AutoTPError, PassContext, node_layer
+from autotp.passes.context import AutoTPError, PassContext, module_path, node_layer
 from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time, get_link
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
@@ -493,12 +493,36 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                      f"keeps its consumers local (sizes do not divide, or an op on it has no sharding rule)")
     if whole:
         _note_kv_replication(nodes, ctx, saved_us)
+    if world > 1:
+        _note_replicated_attention(nodes, tied, ctx)
     ctx.solver_stats = {"variables": len(lp.cost_mem), "constraints": lp.nrows,
                         "weight_bytes_per_rank": float(mem @ x), "weight_bytes_min": best_mem,
                         "weight_bytes_budget": budget, "comm_time_us": float(tcost @ x),
                         "activation_mib_per_rank": float(acost @ x) if sp else None,
                         "seconds": time.perf_counter() - t0}
     return gm
+
+
+def _note_replicated_attention(nodes, tied, ctx: PassContext) -> None:
+    """An attention run whole on every rank (its inputs gathered) says why: its heads."""
+    for n in nodes:
+        if n in tied or n.op != "call_function" or str(n.target) not in _ATTENTION_OPS:
+            continue
+        if not n.meta["autotp"]["strategy"].replicated:
+            continue
+        q, k = val(n.args[0]), val(n.args[1])
+        if q.ndim != 4:
+            continue
+        hq, hkv, world = q.shape[1], k.shape[1], ctx.world
+        why = (f"{hq} query heads do not divide by {world} ranks" if hq % world else
+               f"its {hkv} kv heads neither divide by {world} ranks nor divide {world}" if hkv % world and world % hkv
+               else "splitting its heads costs more than gathering q, k and v at these sizes")
+        ctx.note(f"attention `{n.name}` ({module_path(n) or 'the model'}) runs whole on every rank, its q, k and v gathered: {why} "
+                 f"(each rank must hold whole heads; unequal head blocks are not supported yet)")
+        return                            # the layers repeat it: once is enough
+
+
+_ATTENTION_OPS = {"aten.scaled_dot_product_attention.default", "autotp.attention.default"}
 
 
 def _keeps_kv_heads_whole(n: fx.Node, s) -> bool:

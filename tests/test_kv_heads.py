@@ -34,11 +34,12 @@ def _plan(world, **config):
     return autotp.plan(model, (torch.randint(0, 90, (2, 8)),), world_size=world)
 
 
-def test_llama3_8b_shape_at_tp16_replicates_kv_heads():
-    """32 query heads, 8 kv heads, 16 ranks: each kv head on 2 ranks, 2 all-reduces per layer."""
+def test_llama3_8b_heads_at_tp16_replicate_kv_heads():
+    """Llama-3-8B's 32 query heads and 8 kv heads on 16 ranks (head dim 16 here): each kv head on
+    2 ranks, 2 all-reduces per layer."""
     with torch.device("meta"):
-        plan = _plan(16, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=1024)
+        plan = _plan(16, hidden_size=512, intermediate_size=1024, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=256)
     for proj in ("k_proj", "v_proj"):
         assert plan.placements[f"model.layers.0.self_attn.{proj}.weight"] == Grid(S(0), R, 8)
     assert plan.placements["model.layers.0.self_attn.q_proj.weight"] == S(0)
@@ -136,3 +137,12 @@ def test_equal_to_one_device(results, name, kv):
 def test_generate_and_load_checkpoint(results):
     for r in case(results, "generate_load"):
         assert r["k"] == "S(0)·R@2" and r["same_tokens"] and r["state"] == 0.0, r
+
+
+def test_heads_that_do_not_divide_say_why():
+    """Qwen2.5-7B's 28 heads (4 kv heads) on 8 ranks: correct through gathers, and the plan says why."""
+    with torch.device("meta"):
+        plan = _plan(8, hidden_size=448, intermediate_size=512, num_attention_heads=28, num_key_value_heads=4,
+                     vocab_size=256)
+    note = next(n for n in plan.notes if n.startswith("attention `"))
+    assert "28 query heads do not divide by 8 ranks" in note and "model.layers.0.self_attn" in note, note
