@@ -47,9 +47,9 @@ def encoder_inputs(batch: int, seq: int, seed: int):
     return (x,), {"src_key_padding_mask": pad}
 
 
-def bert(batch: int = 2, seq: int = 8):
+def bert(batch: int = 2, seq: int = 8, layers: int = LAYERS):
     from transformers import BertConfig, BertForMaskedLM
-    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     return BertForMaskedLM(cfg)
@@ -63,9 +63,9 @@ def padded_ids(batch: int, seq: int, seed: int):
     return (ids,), {"attention_mask": mask}
 
 
-def t5(batch: int = 2, seq: int = 8):
+def t5(batch: int = 2, seq: int = 8, layers: int = LAYERS):
     from transformers import T5Config, T5ForConditionalGeneration
-    cfg = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=LAYERS, num_heads=4,
+    cfg = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=layers, num_heads=4,
                    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
     return T5ForConditionalGeneration(cfg)
 
@@ -76,7 +76,7 @@ def encoder_decoder_ids(batch: int, seq: int, seed: int):
     return (ids,), {"decoder_input_ids": torch.randint(1, 128, (batch, seq), generator=g), "use_cache": False}
 
 
-def titan_llama3(batch: int = 2, seq: int = 8, n_kv_heads: int = 2):
+def titan_llama3(batch: int = 2, seq: int = 8, n_kv_heads: int = 2, layers: int = LAYERS):
     """torchtitan's own Llama 3: fused ``wqkv`` laid out per kv group, complex RoPE, GQA."""
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
     from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -85,7 +85,7 @@ def titan_llama3(batch: int = 2, seq: int = 8, n_kv_heads: int = 2):
     cfg = Llama3Model.Config(
         dim=dim, vocab_size=128, tok_embeddings=Embedding.Config(num_embeddings=128, embedding_dim=dim),
         norm=RMSNorm.Config(normalized_shape=dim), lm_head=Linear.Config(in_features=dim, out_features=128),
-        layers=_build_llama3_layers(fuse_qkv=True, n_layers=LAYERS, dim=dim, n_heads=heads, n_kv_heads=n_kv_heads,
+        layers=_build_llama3_layers(fuse_qkv=True, n_layers=layers, dim=dim, n_heads=heads, n_kv_heads=n_kv_heads,
                                     hidden_dim=compute_ffn_hidden_dim(dim, multiple_of=32),
                                     rope=ComplexRoPE.Config(dim=dim // heads, max_seq_len=64, theta=500000,
                                                             scaling="llama"),
@@ -97,11 +97,11 @@ def titan_llama3(batch: int = 2, seq: int = 8, n_kv_heads: int = 2):
     return model
 
 
-def litgpt_gpt(batch: int = 2, seq: int = 8):
+def litgpt_gpt(batch: int = 2, seq: int = 8, layers: int = LAYERS):
     """litgpt's ``GPT`` with grouped queries: fused qkv ``[q | k | v]`` of unequal sizes, k/v repeated
     per query group by ``repeat_interleave``."""
     from litgpt.model import GPT, Config
-    return GPT(Config(n_layer=LAYERS, n_head=4, n_query_groups=2, n_embd=64, block_size=64, vocab_size=128,
+    return GPT(Config(n_layer=layers, n_head=4, n_query_groups=2, n_embd=64, block_size=64, vocab_size=128,
                       padded_vocab_size=128, intermediate_size=128, bias=False, norm_class_name="RMSNorm",
                       mlp_class_name="LLaMAMLP", rotary_percentage=1.0, parallel_residual=False))
 
@@ -110,10 +110,10 @@ def ids(batch: int, seq: int, seed: int):
     return (torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed)),), {}
 
 
-def dit(batch: int = 2, seq: int = 8):
+def dit(batch: int = 2, seq: int = 8, layers: int = LAYERS):
     from diffusers import DiTTransformer2DModel
     return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
-                                 num_layers=LAYERS, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                 num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
                                  norm_num_groups=1)
 
 
