@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from autotp.passes.context import AutoTPError
-from autotp.placement import Grid, R, is_shard, local_chunk, split_factor
+from autotp.placement import Grid, R, is_shard, join_pieces, local_chunk, local_slices, split_factor
 
 __all__ = ["init_empty_weights", "load_checkpoint", "full_state_dict", "LoadReport"]
 
@@ -133,29 +133,6 @@ def _weight_map(path: Path) -> dict[str, Path]:
                           f"or corrupt — nothing was loaded") from e
 
 
-def _slices(shape, placement, rank: int, world: int) -> list[tuple]:
-    """Index tuples (one per block) that select this rank's piece of a tensor of ``shape``."""
-    full = [slice(None)] * len(shape)
-    if isinstance(placement, Grid):        # whole experts of this rank's group, then its slice of them
-        b = world // placement.groups
-        d = placement.outer.dim
-        n = shape[d] // placement.groups
-        lo = (rank // b) * n
-        inner = _slices(shape, placement.inner, rank % b, b)
-        return [tuple(slice(lo, lo + n) if k == d else s for k, s in enumerate(idx)) for idx in inner]
-    if not is_shard(placement):
-        return [tuple(full)]
-    d, f = placement.dim, split_factor(placement)
-    block = shape[d] // f
-    piece = block // world
-    out = []
-    for b in range(f):
-        idx = list(full)
-        idx[d] = slice(b * block + rank * piece, b * block + (rank + 1) * piece)
-        out.append(tuple(idx))
-    return out
-
-
 def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None) -> LoadReport:
     """Load a Hugging Face safetensors checkpoint into a parallelised model, reading only this
     rank's slices.  Tied parameters may be stored under any one of their names."""
@@ -224,11 +201,8 @@ def load_checkpoint(pmodel, path, *, allow_dtype_cast: bool = False, device=None
                 param = params[name]
                 placement = placements.get(name, R)
                 sl = f.get_slice(plan[name])
-                pieces = [sl[idx] for idx in _slices(list(param.shape), placement, rank, world)]
-                if len(pieces) == 1:
-                    local = pieces[0]
-                else:                    # the blocks of a fused (strided) dim, this rank's slice of each
-                    local = torch.cat(pieces, dim=(placement.inner if isinstance(placement, Grid) else placement).dim)
+                slices = local_slices(list(param.shape), placement, rank, world)
+                local = join_pieces([sl[idx] for idx in slices], slices)   # the blocks of a fused dim, joined
                 read += local.numel() * local.element_size()
                 new_params[name] = _as_param(local, param, placement, mesh, device)
     with contextlib.ExitStack() as stack:

@@ -60,6 +60,8 @@ import dataclasses
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from autotp.placement import S, join_pieces, local_slices
+
 _c10d = torch.ops._c10d_functional
 
 
@@ -100,9 +102,10 @@ def _rs(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
 
 
 def _chunk(x: torch.Tensor, dim: int, factor: int, n: int, r: int) -> torch.Tensor:
-    if factor == 1:
-        return x.chunk(n, dim=dim)[r].contiguous()
-    return torch.cat([blk.chunk(n, dim=dim)[r] for blk in x.chunk(factor, dim=dim)], dim=dim)
+    """Rank ``r``'s piece of ``x`` split ``S(dim)xfactor`` over ``n`` ranks (``placement.local_slices``;
+    a view where the piece is contiguous: a gradient need not be copied)."""
+    slices = local_slices(x.shape, S(dim, factor), r, n)
+    return join_pieces([x[idx] for idx in slices], slices).contiguous()
 
 
 def _a2a(x: torch.Tensor, src_dim: int, dst_dim: int, group, n: int) -> torch.Tensor:
