@@ -112,9 +112,12 @@ def ids(batch: int, seq: int, seed: int):
 
 def dit(batch: int = 2, seq: int = 8, layers: int = LAYERS):
     from diffusers import DiTTransformer2DModel
-    return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
                                  num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                 norm_num_groups=1)
+                                 norm_num_groups=1).eval()
+    # eval: in training its class embedder drops labels at random (classifier-free guidance,
+    # torch.rand), a draw that a reference run and a parallel run cannot share
+    return model
 
 
 def latents(batch: int, seq: int, seed: int):

@@ -75,7 +75,7 @@ def _forward_flops(model, args, kwargs, conv: bool) -> int:
     convolutions only with ``conv``."""
     mapping = {torch.ops.autotp.attention.default: _attention_flops}
     if not conv:
-        mapping[torch.ops.aten.convolution.default] = _zero_flops
+        mapping[torch.ops.aten.convolution] = _zero_flops        # keyed by the packet, as FlopCounterMode registers it
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
         model(*args, **kwargs)
     return counter.get_total_flops()
@@ -160,17 +160,18 @@ _LITGPT_QKV = pytest.mark.xfail(strict=True, reason=(
 @pytest.mark.parametrize("name", ["bert", "t5", "titan_llama3", pytest.param("litgpt", marks=_LITGPT_QKV),
                                   pytest.param("dit", marks=_DIT_CUT)])
 def test_blocks_run_megatrons_collectives(results, name):
-    """Per layer: Megatron's all-reduces and no all-gather, except DiT, whose blocks also all-reduce
-    the adaLN-Zero modulation (``Linear(c) -> 6 x dim``: a large weight, split for memory, whose
-    per-sample output every token needs whole) and whose block 0 computes the timestep embedding
-    (diffusers nests it there) with one all-gather."""
+    """Per layer: Megatron's all-reduces and no all-gather, except DiT: each of its blocks also
+    all-reduces the adaLN-Zero modulation (``Linear(c) -> 6 x dim``: a large weight, split for
+    memory, whose per-sample output every token needs whole) and runs its own conditioning MLP
+    (timestep and class embedding, on (B, 256) sinusoids) with one gather or reduce-scatter; block
+    0's embedder runs once more for the output's modulation."""
     _need(name)
     world, per_rank = results
     r = case(per_rank, name)[0]
     for layer in range(LAYERS[name]):
         got = dict(r["per_layer"].get(layer, {}))
-        if name == "dit" and layer == 0:
-            assert got.pop("all_gather", 0) <= 1, got
+        if name == "dit":        # its own conditioning MLP: an all-gather or a reduce-scatter, not in attention/MLP
+            assert got.pop("all_gather", 0) + got.pop("reduce_scatter", 0) <= 2, got
         assert got == BLOCK[name], f"{name} N={world} layer {layer}: {r['per_layer']}"
 
 
