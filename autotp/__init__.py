@@ -17,10 +17,11 @@ import torch.distributed as dist
 from autotp.checkpoint import full_state_dict, init_empty_weights, load_checkpoint
 from autotp.placement import Grid, Partial, Replicate, Shard, fmt
 from autotp.plan import Plan, make_plan
+from autotp.program import check_same_plan
 from autotp.runtime import DEFAULT_TIMEOUT, ParallelModule, clip_grad_norm_, tp_mesh
 from autotp.generation import generate
 from autotp.loss import cross_entropy
-from autotp.passes.context import AutoTPError
+from autotp.base import AutoTPError
 from autotp.passes.rules import Strategy, register_rule
 
 __all__ = ["parallelize", "plan", "generate", "Plan", "ParallelModule", "AutoTPError", "register_rule", "Strategy",
@@ -84,7 +85,7 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                   sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
                   dump=dump if rank0 else False, dp_sharded=dp_sharded)
     if check_plan and mesh.size() > 1:
-        _check_same_plan(p, mesh)
+        check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs, activation_checkpointing=activation_checkpointing)
 
 
@@ -95,13 +96,3 @@ def _whole_mesh(mesh) -> bool:
     except (AttributeError, RuntimeError):        # a torch without it: assume a larger mesh
         return False
     return root is None or root is mesh or root.ndim == 1
-
-
-def _check_same_plan(p: Plan, mesh) -> None:
-    group = mesh.get_group()
-    mine = p.fingerprint()
-    prints = [None] * mesh.size()
-    dist.all_gather_object(prints, mine, group=group)
-    if len(set(prints)) != 1:
-        raise AutoTPError(f"ranks made different plans (fingerprints {prints}); every rank must call "
-                          f"parallelize with the same model config, example input shapes and options")

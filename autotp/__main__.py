@@ -64,7 +64,7 @@ def _status(text: str):
 
 
 def cmd_plan(args) -> int:
-    from autotp.report import report
+    from autotp.report_text import report
     full_layers = load_config(args.config)[0].num_hidden_layers
     cfg, _ = load_config(args.config, args.layers)
     with _status(f"planning {args.config} for TP {args.tp} (capture, rules, solver) ..."):
@@ -186,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parser().parse_args(argv)
-    from autotp.passes.context import AutoTPError
+    from autotp.base import AutoTPError
     try:
         return args.run(args)
     except AutoTPError as e:

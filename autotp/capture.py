@@ -36,7 +36,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from autotp import stamp
-from autotp.passes.context import AutoTPError, where
+from autotp.base import AutoTPError, where
 
 log = logging.getLogger("autotp")
 

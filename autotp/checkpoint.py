@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from autotp.passes.context import AutoTPError
+from autotp.base import AutoTPError
 from autotp.placement import Grid, R, is_shard, join_pieces, local_chunk, local_slices, split_factor
+from autotp.program import mesh_for
 
 __all__ = ["init_empty_weights", "load_checkpoint", "full_state_dict", "LoadReport"]
 
@@ -238,7 +239,6 @@ def _stored_bytes(header) -> int:
 def _as_param(local: torch.Tensor, param, placement, mesh, device) -> nn.Parameter:
     """This rank's piece ``local`` as the parameter ``param`` becomes: on ``device`` (default the
     parameter's, CPU for a meta one), in its dtype, a DTensor in its placement."""
-    from autotp.runtime import mesh_for
     target = device or (param.device if param.device.type != "meta" else "cpu")
     local = local.to(device=target, dtype=param.dtype).contiguous()
     dt = DTensor.from_local(local, *mesh_for(mesh, placement), run_check=False, shape=param.shape,

@@ -232,7 +232,7 @@ def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
 
 # The N/a ranks of each group of a 2-D (a, N/a) view of a mesh (kv heads replicated over the
 # ranks that read them): (tensor-parallel group name, a) -> that rank's group's name.  Filled by
-# the runtime when it builds the view (``runtime.mesh_for``), before any step runs.
+# the runtime when it builds the view (``program.mesh_for``), before any step runs.
 GROUPS_OF: dict[tuple[str, int], str] = {}
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import D, P, R, S, X, ExpertRows, Grid, TokenLocal, can_shard, fmt, is_shard, local_chunk
+from autotp.placement import D, P, R, S, X, ExpertRows, Grid, TokenLocal, can_shard, fmt, local_chunk
 
 _FACTORS = (1, 2, 3)           # strided-shard factors offered (a fused [q|k|v] is 3, a gate/up pair 2)
 

@@ -33,11 +33,10 @@ draw then uses the same stream as Hugging Face's ``generate`` after ``torch.manu
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 
-from autotp.passes.context import AutoTPError
+from autotp.base import AutoTPError
 
 # generation_config fields that would change what is computed in ways this loop does not do,
 # with the value that means "off" (checked after Hugging Face merged the config)

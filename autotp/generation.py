@@ -37,8 +37,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from autotp.placement import Partial, R, fmt, is_shard, local_shape, normalize, shard_dim, split_factor
-from autotp.passes.context import AutoTPError
-from autotp.runtime import adopt
+from autotp.base import AutoTPError
+from autotp.program import adopt, check_same_plan, copy_graph_module, mesh_device, retarget_meta
 
 aten = torch.ops.aten
 
@@ -201,13 +201,12 @@ class Generator:
 
     def __init__(self, pmodel, trace_device: str | torch.device | None = None):
         from autotp.plan import make_plan
-        from autotp.runtime import _mesh_device, _retarget_meta
         source = getattr(pmodel, "source_model", None)
         if source is None:
             raise AutoTPError("autotp.generate takes the ParallelModule that autotp.parallelize returned")
         self.pmodel, self.mesh = pmodel, pmodel.mesh
         local = [p.to_local() for p in pmodel.parameters() if hasattr(p, "to_local")]
-        self.device = local[0].device if local else _mesh_device(self.mesh)
+        self.device = local[0].device if local else mesh_device(self.mesh)
         # trace on meta (no memory), or in place for a CPU model; ``trace_device="meta"`` forces meta
         twin = _twin(source, torch.device(trace_device) if trace_device is not None else self.device)
         twin.eval()
@@ -233,11 +232,10 @@ class Generator:
                               plan_seq=1, carried_state={1 + i: fixed + i for i in range(len(kv))},
                               sharded_outputs=True, dump=False)
         if world > 1:
-            from autotp import _check_same_plan
-            _check_same_plan(self.plan, self.mesh)
+            check_same_plan(self.plan, self.mesh)
         rank, group = self.mesh.get_local_rank(), self.mesh.get_group().group_name
         gm = _copy(self.plan.rewritten(rank, group))
-        _retarget_meta(gm, self.device)
+        retarget_meta(gm, self.device)
         self.cache_placements = self._cache_inputs(gm)
         _write_cache_in_place(gm, {n.name for n, _ in self.cache_placements})
         self.gm = gm
@@ -429,8 +427,7 @@ def _prod(shape) -> int:
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    from autotp.plan import _copy_graph_module
-    return _copy_graph_module(gm)
+    return copy_graph_module(gm)
 
 
 def _write_cache_in_place(gm: fx.GraphModule, cache_inputs: set[str]) -> None:

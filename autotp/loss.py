@@ -61,7 +61,7 @@ def cross_entropy(logits, labels: torch.Tensor, ignore_index: int = -100, reduct
     A replicated DTensor or a plain tensor is computed as one device would."""
     import torch.nn.functional as F
     from torch.distributed.tensor import DTensor
-    from autotp.passes.context import AutoTPError
+    from autotp.base import AutoTPError
     if reduction not in REDUCTIONS:
         raise AutoTPError(f"autotp.cross_entropy: reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
     if isinstance(labels, DTensor):

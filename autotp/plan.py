@@ -12,13 +12,11 @@ import torch.fx as fx
 from autotp.capture import Captured, capture, concrete
 from autotp.placement import D, R, P, X, Grid, Placement, fmt, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
-from autotp.passes.context import AutoTPError, layer_index, module_path, user_line
+from autotp.base import AutoTPError, layer_index, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
+from autotp.passes.rules.views import WEIGHT_VIEWS
+from autotp.program import copy_graph_module, static_size
 
-try:                                    # torch's GraphModule that defers code generation to first use
-    from torch.fx._lazy_graph_module import _LazyGraphModule
-except ImportError:                     # pragma: no cover — older/newer torch: eager, still correct
-    _LazyGraphModule = fx.GraphModule
 
 
 @dataclasses.dataclass
@@ -120,7 +118,7 @@ class Plan:
         """A copy of the graph with collectives inserted and shapes made local for ``rank``."""
         if rank == 0 and group == "tp" and self._rewritten is not None:
             return self._rewritten
-        gm = _copy_graph_module(self.gm, lazy=True)     # the passes' recompile()s only mark it stale
+        gm = copy_graph_module(self.gm, lazy=True)     # the passes' recompile()s only mark it stale
         ctx = dataclasses.replace(self.ctx, rank=rank, group=group)
         for p in REWRITE_PASSES:
             gm = p(gm, ctx)
@@ -326,7 +324,7 @@ class Plan:
     def report(self, **kwargs) -> str:
         """The cost report: every collective's bytes (symbolic in batch and seq) and time at a
         link, totals, per-rank memory; ``fmt="text" | "markdown" | "json"``.  See autotp.report."""
-        from autotp.report import report
+        from autotp.report_text import report
         return report(self, **kwargs)
 
     def report_data(self, **kwargs) -> dict:
@@ -350,11 +348,10 @@ def _target_name(target) -> str:
 def _compute_user(node: fx.Node) -> fx.Node | None:
     """The first op that computes with a weight, looking through views of it (a transposed
     expert weight is still the weight)."""
-    from autotp.passes.solve import _WEIGHT_VIEWS
     seen = 0
     while node.users and seen < 8:
         user = next(iter(node.users))
-        if str(user.target) not in _WEIGHT_VIEWS:
+        if str(user.target) not in WEIGHT_VIEWS:
             return user
         node, seen = user, seen + 1
     return None
@@ -387,21 +384,6 @@ def _shape_text(v, p, world) -> str:
         return "(" + ", ".join(str(local_shape(x.shape, q, world)) if isinstance(x, torch.Tensor) and q else "-"
                                for x, q in zip(v, p)) + ")"
     return ""
-
-
-def _copy_graph_module(gm: fx.GraphModule, lazy: bool = False) -> fx.GraphModule:
-    """A copy whose nodes own their meta.  ``lazy``: a module that generates its Python code
-    on first use, not on every ``recompile()`` (a pass pipeline recompiles after each pass;
-    the code of an 80-layer graph takes ~0.15 s each time)."""
-    graph = fx.Graph()
-    val_map: dict = {}
-    out = graph.graph_copy(gm.graph, val_map)
-    graph.output(out)
-    for old, new in val_map.items():
-        new.meta = dict(old.meta)
-        if "autotp" in old.meta:
-            new.meta["autotp"] = dict(old.meta["autotp"])
-    return (_LazyGraphModule if lazy else fx.GraphModule)(gm, graph)
 
 
 def _size_name(captured: Captured, sym) -> str:
@@ -470,14 +452,13 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
                       sequence_parallel=sequence_parallel, dp_sharded=dp_sharded,
                       max_activation_mib=None if max_activation_bytes is None else max_activation_bytes / 2**20)
     ctx.state_outputs = {o: captured.user_inputs[i] for o, i in (carried_state or {}).items()}
-    from autotp.runtime import _static
     for node in captured.gm.graph.nodes:
         v = node.meta.get("val")
         if node.op == "placeholder" and node.name in captured.user_inputs and isinstance(v, torch.Tensor):
             for d, size in list(enumerate(v.shape))[:2]:
-                if _static(size) is not None and not isinstance(size, int):
+                if static_size(size) is not None and not isinstance(size, int):
                     ctx.note(f"torch.export fixed dim {d} of `{node.name}` (shape {list(concrete(v).shape)}) at "
-                             f"{_static(size)}: the model's code depends on it, so this plan runs only at that size")
+                             f"{static_size(size)}: the model's code depends on it, so this plan runs only at that size")
     for sym, (example, where_node, _) in captured.pinned.items():
         ctx.note(f"the graph unrolls a Python loop over {_size_name(captured, sym)} (node `{where_node}`): this "
                  f"plan runs only when it is {example}")
@@ -486,7 +467,7 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
         ctx.note(f"captured: torch.export traced layers 0, 1, 2 and {n - 1} of `{path}`; layers 3-{n - 2} are copies of "
                  f"layer 1's graph (the layers and their traces were checked identical; AUTOTP_STAMP=0 traces all)")
     gm = captured.gm
-    free = _copy_graph_module(gm) if canonical_pins else None
+    free = copy_graph_module(gm) if canonical_pins else None
     for p in PLAN_PASSES:
         gm = p(gm, ctx)
     if free is not None:                     # what the pins cost: the same problem without them

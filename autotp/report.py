@@ -1,7 +1,7 @@
 """The cost report: every collective of a plan, its bytes, its time, and what they add up to.
 
 ``report_data(plan, batch=, seq=, dtype=, link=)`` computes the numbers (a JSON-able dict);
-``report(...)`` renders them (``autotp.report_text``) as a terminal table, markdown or JSON.  Every number comes with the
+``autotp.report_text.report(...)`` renders them as a terminal table, markdown or JSON.  Every number comes with the
 formula that made it, so a reader can check it by hand:
 
     B     = numel(tensor) x itemsize(dtype)           full (unsharded) tensor, symbolic in batch, seq
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import re
 
 import sympy
@@ -29,7 +28,7 @@ import torch.fx as fx
 from autotp import cost
 from autotp.placement import Grid, is_shard, local_shape
 from autotp.capture import BATCH, SEQ
-from autotp.passes.context import layer_index, module_path
+from autotp.base import layer_index, module_path
 from autotp.passes.rules import val
 
 DEGREES = (2, 4, 8, 16)
@@ -437,20 +436,6 @@ def report_data(plan, *, batch: int, seq: int, dtype=torch.bfloat16, link="nvlin
         scaling=scaling(model, batch, seq, dtype, DEVICES[device]) if model and model["forward"] else None,
         notes=list(plan.notes),                # replicated ops and weights, pins' cost, lowered attention
     )
-
-
-def report(plan, *, batch: int, seq: int, dtype=torch.bfloat16, link="nvlink-h100", fmt: str = "text",
-           device: str = "h100-sxm", full_layers: int | None = None) -> str:
-    """The report as ``fmt``: "text" (terminal tables), "markdown" or "json" (``report_data``)."""
-    data = report_data(plan, batch=batch, seq=seq, dtype=dtype, link=link, device=device, full_layers=full_layers)
-    if fmt == "json":
-        return json.dumps(data, indent=1, default=str)
-    from autotp.report_text import render
-    if fmt == "markdown":
-        return render(data, markdown=True)
-    if fmt == "text":
-        return render(data, markdown=False)
-    raise ValueError(f"unknown fmt {fmt!r}: text, markdown or json")
 
 
 # ---------------------------------------------------------------- article check

@@ -6,9 +6,13 @@ the terminal, pipe tables for Markdown) so the two concerns change independently
 from __future__ import annotations
 
 import io
+import json
 import re
 
-from autotp.report import ARTICLE, _article_lines, _ranges, article_numbers
+import torch
+
+from autotp.report import ARTICLE, _article_lines, _ranges, article_numbers, report_data
+
 
 def render(data: dict, markdown: bool = False) -> str:
     """The report as text: rich tables rendered to a string, or markdown tables."""
@@ -240,3 +244,16 @@ class _Writer:
 
     def text(self) -> str:
         return "\n".join(self.parts) + "\n"
+
+
+def report(plan, *, batch: int, seq: int, dtype=torch.bfloat16, link="nvlink-h100", fmt: str = "text",
+           device: str = "h100-sxm", full_layers: int | None = None) -> str:
+    """The report as ``fmt``: "text" (terminal tables), "markdown" or "json" (``report_data``)."""
+    data = report_data(plan, batch=batch, seq=seq, dtype=dtype, link=link, device=device, full_layers=full_layers)
+    if fmt == "json":
+        return json.dumps(data, indent=1, default=str)
+    if fmt == "markdown":
+        return render(data, markdown=True)
+    if fmt == "text":
+        return render(data, markdown=False)
+    raise ValueError(f"unknown fmt {fmt!r}: text, markdown or json")

@@ -11,8 +11,6 @@ import datetime
 import os
 
 import torch
-
-from autotp import comm
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
@@ -20,12 +18,13 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 
+from autotp.base import AutoTPError, layer_index, module_path
 from autotp.blocks import (checkpoint_mode, cut, model_checkpointing, rank_local_block, read_feed,
                            share_children)
 from autotp.checkpoint import materialize_buffers
 from autotp.placement import Grid, P, R, fmt, local_chunk
 from autotp.plan import Plan
-from autotp.passes.context import AutoTPError
+from autotp.program import adopt, mesh_device, mesh_for, retarget_meta, static_size
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -62,36 +61,6 @@ def tp_mesh(mesh: DeviceMesh | None, timeout=DEFAULT_TIMEOUT) -> DeviceMesh:
     return mesh
 
 
-def adopt(module: nn.Module, model: nn.Module) -> None:
-    """Make ``model``'s children, own parameters and buffers ``module``'s, under the same names,
-    so ``module.named_parameters()`` reads exactly like ``model``'s."""
-    for name, child in model.named_children():
-        module.add_module(name, child)
-    for name, p in model.named_parameters(recurse=False):
-        module.register_parameter(name, p)
-    for name, b in model.named_buffers(recurse=False):
-        module.register_buffer(name, b)
-
-
-_GRID_MESHES: dict = {}
-
-
-def mesh_for(mesh: DeviceMesh, p) -> tuple[DeviceMesh, list]:
-    """The mesh and placement list of a DTensor placed ``p`` on the tensor-parallel ``mesh``: the
-    mesh itself for a 1-D placement; for a ``Grid`` (experts split over groups x tensor-parallel
-    inside each group) its 2-D view ``("ep", "etp")``, made once per mesh and group count."""
-    if not isinstance(p, Grid):
-        return mesh, [p]
-    key = (mesh, p.groups)
-    if key not in _GRID_MESHES:
-        shape = (p.groups, mesh.size() // p.groups)
-        try:
-            _GRID_MESHES[key] = mesh._unflatten(0, shape, ("ep", "etp"))
-        except (AttributeError, TypeError, ValueError, RuntimeError):    # a torch without _unflatten
-            _GRID_MESHES[key] = DeviceMesh(mesh.device_type, mesh.mesh.reshape(shape), mesh_dim_names=("ep", "etp"))
-        # the group of this rank's (kv) group, for the gradients summed inside it (comm.reduce_grad_in_group)
-        comm.GROUPS_OF[(mesh.get_group().group_name, p.groups)] = _GRID_MESHES[key].get_group("etp").group_name
-    return _GRID_MESHES[key], [p.outer, p.inner]
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, foreach: bool | None = None) -> torch.Tensor:
@@ -133,10 +102,10 @@ class ParallelModule(nn.Module):
         super().__init__()
         self.check_inputs = check_inputs      # debug: all ranks must pass identical inputs
         self.config = getattr(model, "config", None)
-        made = materialize_buffers(model, _mesh_device(mesh))
+        made = materialize_buffers(model, mesh_device(mesh))
         if made:
             plan.ctx.note(f"buffers on the meta device computed by the model's own init code on "
-                          f"{_mesh_device(mesh)}: {', '.join(made)}")
+                          f"{mesh_device(mesh)}: {', '.join(made)}")
         adopt(self, model)
         rank, world = mesh.get_local_rank(), mesh.size()
         object.__setattr__(self, "plan", plan)
@@ -144,7 +113,7 @@ class ParallelModule(nn.Module):
         object.__setattr__(self, "source_model", model)   # its module code: generate() plans a decode step
         group = mesh.get_group().group_name
         object.__setattr__(self, "graph_module", plan.rewritten(rank, group))
-        _retarget_meta(self.graph_module, _mesh_device(mesh))
+        retarget_meta(self.graph_module, mesh_device(mesh))
         self._shard_parameters(model, rank, world)
         self._build_blocks()
         self._feeds = self._input_feeds()       # after the blocks: a block's own parameters live on the block
@@ -303,7 +272,6 @@ class ParallelModule(nn.Module):
         each rank — the rows of the experts its group owns (``expert_groups``: N under expert
         parallelism, ``a`` on an EP x TP grid, 1 when every rank runs every expert).  Runs one
         forward without gradients; a collective like the forward, so call it on every rank."""
-        from autotp.passes.context import layer_index, module_path
         inputs = self._graph_inputs(args, kwargs)
         found: list[tuple[fx.Node, torch.Tensor]] = []
 
@@ -336,7 +304,6 @@ class ParallelModule(nn.Module):
         """Into how many owner groups the experts of ``histc``'s MoE layer are split: N under
         expert parallelism, ``a`` on an EP x TP grid, 1 when every rank runs every expert (TP
         inside the experts, or replicated)."""
-        from autotp.passes.context import layer_index, module_path
         from autotp.passes.rules.moe import _is_grouped_mm
         layer = layer_index(module_path(histc))
         for n in self.plan.gm.graph.nodes:
@@ -443,52 +410,8 @@ def _indivisible_message(expr, divisor: int, node: fx.Node, p, plan, mesh) -> st
 
 
 def _where(node: fx.Node) -> str:
-    from autotp.passes.context import module_path
     path = module_path(node)
     return f" in `{path}`" if path else ""
-
-
-def _mesh_device(mesh: DeviceMesh) -> torch.device:
-    if mesh.device_type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(mesh.device_type)
-
-
-def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
-    """A model built on the meta device bakes ``device=meta`` into the ops that create tensors
-    (``arange``, ``.to(x.device)``); the weights arrive later on ``device``, so do those ops."""
-    meta = torch.device("meta")
-
-    def fix(a):
-        return device if isinstance(a, torch.device) and a == meta else a
-
-    changed = False
-    for node in gm.graph.nodes:
-        args, kwargs = pytree.tree_map(fix, (node.args, node.kwargs))
-        if args != node.args or kwargs != node.kwargs:
-            node.args, node.kwargs = tuple(args), kwargs
-            changed = True
-        changed |= _histc_for(node, device)
-    if changed:
-        gm.recompile()
-
-
-def _histc_for(node: fx.Node, device: torch.device) -> bool:
-    """transformers picks ``histc``'s input dtype by device (CPU: float only; CUDA: int, for
-    deterministic mode), so a trace on the meta device took the non-CPU branch: cast an integer
-    input to float where the graph runs on CPU (the counts are the same)."""
-    if node.op != "call_function" or node.target != torch.ops.aten.histc.default or device.type not in ("cpu", "mps"):
-        return False
-    x = node.args[0]
-    v = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if not isinstance(v, torch.Tensor) or v.is_floating_point():
-        return False
-    with node.graph.inserting_before(node):
-        cast = node.graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": torch.float32})
-    cast.meta.update(x.meta)
-    cast.meta["val"] = v.to(torch.float32) if v.device.type == "meta" else v.float()
-    node.args = (cast, *node.args[1:])
-    return True
 
 
 def _check_input(x, node: fx.Node, sizes: dict, pinned: dict | None = None):
@@ -508,7 +431,7 @@ def _check_input(x, node: fx.Node, sizes: dict, pinned: dict | None = None):
                               f"{_shape_names(want.shape)}; pass inputs of that shape, or call autotp.parallelize "
                               f"again with an example of this shape")
         for got, size in zip(x.shape, want.shape):
-            if isinstance(size, torch.SymInt) and _static(size) is None:
+            if isinstance(size, torch.SymInt) and static_size(size) is None:
                 expr = size.node.expr
                 if expr in pinned and got != pinned[expr][0]:
                     example, where, line = pinned[expr]
@@ -531,22 +454,14 @@ def _check_input(x, node: fx.Node, sizes: dict, pinned: dict | None = None):
 def _shape_names(shape) -> list:
     """Fixed sizes as numbers, the others as export's size expression (``s0``, ``2*s1``): which
     dims vary, without guessing what they mean (dim 1 of an image is its channels)."""
-    return [_static(s) if _static(s) is not None else str(s.node.expr) for s in shape]
-
-
-def _static(size) -> int | None:
-    """The size when it is fixed (an int, or a SymInt export specialised to a number)."""
-    if isinstance(size, int):
-        return size
-    expr = size.node.expr
-    return int(expr) if expr.is_number else None
+    return [static_size(s) if static_size(s) is not None else str(s.node.expr) for s in shape]
 
 
 def _shape_matches(got, want) -> bool:
     if len(got) != len(want):
         return False
     for g, w in zip(got, want):
-        fixed = _static(w)
+        fixed = static_size(w)
         if fixed is not None and g != fixed:
             return False
     return True

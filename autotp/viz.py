@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from autotp.placement import Partial, Replicate, fmt, is_shard
 from autotp.passes import insert_collectives
-from autotp.passes.context import module_path, node_layer
+from autotp.base import module_path, node_layer
 
 COLOURS = {"R": "#dddddd", "P": "#f6b26b", "S(0)": "#93c47d", "S(1)": "#6fa8dc", "S(2)": "#b4a7d6",
            "S(3)": "#ffd966", "-": "#ffffff"}

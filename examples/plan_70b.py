@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from autotp.__main__ import load_config, plan_from_config
-from autotp.report import article_check, report
+from autotp.report import article_check
+from autotp.report_text import report
 
 CONFIG = Path(__file__).parent / "configs" / "llama-70b.json"
 

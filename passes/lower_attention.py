@@ -49,15 +49,11 @@ from autotp.placement import Grid, R, S, is_shard, split_factor
 from autotp.passes.causal_mask import is_size_only_causal
 from autotp.passes.context import PassContext, module_path
 from autotp.passes.localize import check_local_shapes
-from autotp.passes.rules import register_rule, val
-from autotp.passes.rules.attention import sdpa_rule
+from autotp.passes.rules import val
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.autotp.attention.default
 
-# the op shards like SDPA (same argument names; enable_gqa is passed as a keyword), so a graph
-# that already holds it — a model calling it, or a lowered graph planned again — plans too
-register_rule("autotp::attention")(sdpa_rule)
 
 _MATMULS = (aten.matmul.default, aten.bmm.default)
 _SOFTMAXES = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)

@@ -67,7 +67,7 @@ from autotp.passes.context import AutoTPError, PassContext, module_path, node_la
 from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time, get_link
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
-from autotp.passes.rules.views import RESHAPES
+from autotp.passes.rules.views import RESHAPES, WEIGHT_VIEWS
 from autotp.placement import Grid, R, fmt, group_replicated, is_shard, local_shape, split_factor, splits
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
@@ -151,12 +151,6 @@ def _planned(v: torch.Tensor, ctx: PassContext) -> float:
     return float(n * v.element_size())
 
 
-_WEIGHT_VIEWS = {"aten.transpose.int", "aten.t.default", "aten.numpy_T.default", "aten.view.default", "aten.reshape.default",
-                 "aten.permute.default", "aten.to.dtype", "aten._to_copy.default", "aten.alias.default",
-                 "aten.contiguous.default", "aten.clone.default", "aten.detach.default", "aten.unsqueeze.default",
-                 "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
-                 "aten.chunk.default", "aten.unbind.int", "<built-in function getitem>", "aten.expand.default"}
-
 
 def weights(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
     """Parameters and views of them (a transposed expert weight is still the weight): tensor
@@ -165,7 +159,7 @@ def weights(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name in ctx.params:
             out.add(n)
-        elif n.op == "call_function" and str(n.target) in _WEIGHT_VIEWS:
+        elif n.op == "call_function" and str(n.target) in WEIGHT_VIEWS:
             ins = n.all_input_nodes
             if ins and all(a in out for a in ins):
                 out.add(n)

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 
 import autotp  # noqa: E402
 from autotp.kernels import attention_op  # noqa: E402
-from autotp.plan import _copy_graph_module  # noqa: E402
+from autotp.program import copy_graph_module  # noqa: E402
 from autotp.passes import REWRITE_PASSES  # noqa: E402
 from autotp.passes.rules import val  # noqa: E402
 from autotp.verify import Case, verify  # noqa: E402
@@ -240,7 +240,7 @@ def _rewrite(plan, **options):
     ctx = dataclasses.replace(plan.ctx, notes=[])
     for name, value in options.items():
         setattr(ctx, name, value)
-    gm = _copy_graph_module(plan.gm)
+    gm = copy_graph_module(plan.gm)
     for p in REWRITE_PASSES:
         gm = p(gm, ctx)
     return gm

@@ -15,7 +15,8 @@ import torch
 import autotp
 from autotp import cost
 from autotp.__main__ import load_config, plan_from_config
-from autotp.report import BATCH, SEQ, article_check, article_numbers, evaluate, parameter_shapes, report, report_data
+from autotp.report import BATCH, SEQ, article_check, article_numbers, evaluate, parameter_shapes, report_data
+from autotp.report_text import report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_70B = ROOT / "examples" / "configs" / "llama-70b.json"

@@ -29,7 +29,7 @@ def test_loop_over_sequence_pins_its_length():
     pinned = {str(cap.symbols.get(s, s)): v[0] for s, v in cap.pinned.items()}
     sizes = [n.meta["val"].shape for n in cap.gm.graph.nodes if n.op == "placeholder" and n.name == "ids"][0]
     # either export fixed the length itself, or autotp pinned it: never a symbolic length with an unrolled loop
-    from autotp.runtime import _static
+    from autotp.program import static_size as _static
     assert _static(sizes[1]) == 5 or pinned.get("seq") == 5, (sizes, pinned)
 
 
@@ -70,7 +70,7 @@ def test_loop_over_a_padded_length_pins_the_inputs_own_length():
     example's own shape runs, and any other length gets the clear error."""
     ids = torch.randint(0, 16, (2, 5))
     cap = capture(_ChunkScan(), (ids,))
-    from autotp.runtime import _static
+    from autotp.program import static_size as _static
     sizes = [n.meta["val"].shape for n in cap.gm.graph.nodes if n.op == "placeholder" and n.name == "ids"][0]
     pinned = {str(cap.symbols.get(s, s)): v[0] for s, v in cap.pinned.items()}
     assert _static(sizes[1]) == 5 or pinned.get("seq") == 5, (sizes, pinned)

@@ -21,7 +21,9 @@ from autotp.placement import Grid, R, S
 aten = torch.ops.aten
 
 
-@register_rule(aten.scaled_dot_product_attention.default)
+# autotp.attention (passes/lower_attention.py) takes the same arguments, so a graph that already holds
+# it — a model calling it, or a lowered graph planned again — plans too
+@register_rule(aten.scaled_dot_product_attention.default, "autotp::attention")
 def sdpa_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     ins = tensor_inputs(node)
     q, k = val(node.args[0]), val(node.args[1])

@@ -356,3 +356,12 @@ def repeat_interleave_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
         out.append(Strategy(s.inputs + (R,) * (per_row and len(s.inputs) == 1), s.output,
                             localize=_localize_repeat_interleave if is_shard(s.output) else None))
     return out
+
+
+# Ops that view, cast or copy a tensor without computing with it: a weight seen through them is still
+# the weight (the solver never moves it; the plan names the op that computes with it).
+WEIGHT_VIEWS = {"aten.transpose.int", "aten.t.default", "aten.numpy_T.default", "aten.view.default", "aten.reshape.default",
+                 "aten.permute.default", "aten.to.dtype", "aten._to_copy.default", "aten.alias.default",
+                 "aten.contiguous.default", "aten.clone.default", "aten.detach.default", "aten.unsqueeze.default",
+                 "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
+                 "aten.chunk.default", "aten.unbind.int", "<built-in function getitem>", "aten.expand.default"}
