@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
-from autotp.passes.context import AutoTPError, block_path
+from autotp.base import AutoTPError, block_path
 
 
 @dataclasses.dataclass
@@ -77,8 +77,10 @@ def cut(gm: fx.GraphModule, owner_of: dict[str, str]) -> tuple[list[Segment], li
     for i, (key, nodes) in enumerate(runs):
         inside = set(nodes)
         external = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
+        # a block feeds itself its own parameters and buffers, unless some other part reads them too
+        # (DiT reads block 0's timestep embedder again after the last block): those the root passes
         owned = [a for a in external if key is not None and a.op == "placeholder"
-                 and owner_of.get(a.name, "").startswith(key + ".")]
+                 and owner_of.get(a.name, "").startswith(key + ".") and all(u in inside for u in a.users)]
         passed = [a for a in external if a not in owned]
         outputs = [n for n in nodes if later_uses.get(n, -1) > i]
         seg_gm, signature = _segment_module(gm, passed + owned, nodes, outputs)

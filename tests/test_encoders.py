@@ -16,7 +16,7 @@ forward matmul and attention FLOPs, except the conv patch embedding, which the p
 
 Known shortfalls, marked ``xfail(strict=True)`` with their reasons: litgpt's ``[q | k | v]`` of
 unequal parts is gathered per layer (exact, 1/N of the FLOPs, one all-gather too many per
-block); DiT does not run (the runtime's cut into blocks).  ``benchmarks/model_sweep.py`` lists
+block).  ``benchmarks/model_sweep.py`` lists
 the same models' plans without processes.
 """
 import copy
@@ -137,12 +137,7 @@ def _need(name: str):
         pytest.skip(f"{LIBRARY[name]} is not installed")
 
 
-_DIT_CUT = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "autotp/blocks.cut feeds a block's own parameter only to that block: diffusers' DiT reads "
-    "transformer_blocks[0].norm1.emb again after the last block, so the root's part misses it (KeyError)"))
-
-
-@pytest.mark.parametrize("name", ["bert", "t5", "titan_llama3", "litgpt", pytest.param("dit", marks=_DIT_CUT)])
+@pytest.mark.parametrize("name", ["bert", "t5", "titan_llama3", "litgpt", "dit"])
 def test_output_and_every_gradient_equal_one_device(results, name):
     _need(name)
     world, per_rank = results
@@ -158,7 +153,7 @@ _LITGPT_QKV = pytest.mark.xfail(strict=True, reason=(
 
 
 @pytest.mark.parametrize("name", ["bert", "t5", "titan_llama3", pytest.param("litgpt", marks=_LITGPT_QKV),
-                                  pytest.param("dit", marks=_DIT_CUT)])
+                                  "dit"])
 def test_blocks_run_megatrons_collectives(results, name):
     """Per layer: Megatron's all-reduces and no all-gather, except DiT: each of its blocks also
     all-reduces the adaLN-Zero modulation (``Linear(c) -> 6 x dim``: a large weight, split for
@@ -175,7 +170,7 @@ def test_blocks_run_megatrons_collectives(results, name):
         assert got == BLOCK[name], f"{name} N={world} layer {layer}: {r['per_layer']}"
 
 
-@pytest.mark.parametrize("name", ["bert", "t5", "titan_llama3", "litgpt", pytest.param("dit", marks=_DIT_CUT)])
+@pytest.mark.parametrize("name", ["bert", "t5", "titan_llama3", "litgpt", "dit"])
 def test_each_rank_runs_a_1_over_n_share_of_the_flops(results, name):
     _need(name)
     world, per_rank = results
