@@ -12,8 +12,6 @@ times (vLLM; Megatron refuses head counts that do not divide).  Then the plannin
 8B and 70B shapes at N = 8 and 16 (``--layers``) and of the full 80 layers.
 """
 import argparse
-import os
-import platform
 import time
 
 import torch
@@ -23,6 +21,7 @@ import autotp
 from autotp import cost
 from autotp.placement import S
 from autotp.report import report_data
+from machine import machine
 
 SHAPES = {   # name: (hidden, ffn, heads, kv heads, vocab)
     "Llama-3-8B": (4096, 14336, 32, 8, 128256),
@@ -31,16 +30,6 @@ SHAPES = {   # name: (hidden, ffn, heads, kv heads, vocab)
 }
 ROWS = [("Llama-3-8B", 16), ("Llama-3-8B", 8), ("Qwen2.5-7B", 8), ("Qwen2.5-7B", 4), ("Llama-3-70B", 16)]
 BATCH, SEQ = 4, 2048
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def model(name: str, layers: int):

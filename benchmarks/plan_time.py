@@ -9,8 +9,6 @@ grow about linearly.  A one-layer warm-up runs first (printed on its own): the f
 a process imports and initialises much of torch, which no layer count should be charged for.
 """
 import argparse
-import os
-import platform
 import sys
 import time
 
@@ -18,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from autotp.plan import make_plan
+from machine import machine
 
 _plan_module = sys.modules["autotp.plan"]
 _capture = _plan_module.capture
@@ -33,16 +32,6 @@ def _timed_capture(*args, **kwargs):
 
 
 _plan_module.capture = _timed_capture        # make_plan calls it by this name
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main():
