@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from autotp.capture import Captured, capture, concrete
 from autotp.placement import D, R, P, X, Grid, Placement, fmt, is_shard, local_shape, split_factor
-from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext
+from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext, run_passes
 from autotp.base import AutoTPError, layer_index, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.views import WEIGHT_VIEWS
@@ -68,6 +68,7 @@ class Plan:
         self.world = ctx.world
         self.aliases = aliases                   # parameter name -> every name it is known by (tied)
         self._rewritten = None
+        self._snapshots = None
 
     # ---- reading the plan ----
     @property
@@ -119,13 +120,20 @@ class Plan:
         if rank == 0 and group == "tp" and self._rewritten is not None:
             return self._rewritten
         gm = copy_graph_module(self.gm, lazy=True)     # the passes' recompile()s only mark it stale
-        ctx = dataclasses.replace(self.ctx, rank=rank, group=group)
-        for p in REWRITE_PASSES:
-            gm = p(gm, ctx)
+        gm = run_passes(REWRITE_PASSES, gm, dataclasses.replace(self.ctx, rank=rank, group=group))
         gm = fx.GraphModule(gm, gm.graph)                # a plain GraphModule: its code generated once
         if rank == 0 and group == "tp":
             self._rewritten = gm
         return gm
+
+    def snapshots(self) -> list[tuple[str, fx.GraphModule]]:
+        """(pass name, the graph after it) for each rewrite pass, on rank 0: what ``viz`` and the
+        dumps draw (``passes.run_passes``)."""
+        if self._snapshots is None:
+            self._snapshots = []
+            run_passes(REWRITE_PASSES, copy_graph_module(self.gm, lazy=True),
+                       dataclasses.replace(self.ctx, rank=0, group="tp"), self._snapshots)
+        return self._snapshots
 
     def collectives(self) -> list[Collective]:
         out = []

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import Partial, Replicate, fmt, is_shard
-from autotp.passes import insert_collectives
+from autotp.passes import COLLECTIVE_PASSES
 from autotp.base import module_path, node_layer
 
 COLOURS = {"R": "#dddddd", "P": "#f6b26b", "S(0)": "#93c47d", "S(1)": "#6fa8dc", "S(2)": "#b4a7d6",
@@ -99,10 +99,10 @@ def dump_from_env(plan) -> list[Path]:
 
 def stages_of(plan) -> list[Stage]:
     """The graph after each pass, in pipeline order."""
-    with_collectives = insert_collectives(_copy(plan.gm), dataclasses.replace(plan.ctx, rank=0, group="tp"))
+    after = dict(plan.snapshots())              # the rewrite passes' graphs, as they ran
     return [Stage("00_captured", plan.captured.gm, placements=False),
             Stage("01_placements", plan.gm, placements=True),
-            Stage("02_collectives", with_collectives, placements=True),
+            Stage("02_collectives", after[COLLECTIVE_PASSES[-1].__name__], placements=True),
             Stage("03_localized", plan.rewritten(), placements=True, local=True)]
 
 
@@ -447,18 +447,6 @@ def _emit(g, nodes: int, stem: Path, has_dot: bool, max_nodes: int) -> list[Path
     svg = stem.with_suffix(".svg")
     subprocess.run(["dot", "-Tsvg", str(src), "-o", str(svg)], check=True, capture_output=True)
     return [src, svg]
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` whose nodes own their meta (a pass may rewrite it without touching ``gm``)."""
-    graph = fx.Graph()
-    val_map: dict = {}
-    graph.output(graph.graph_copy(gm.graph, val_map))
-    for old, new in val_map.items():
-        new.meta = dict(old.meta)
-        if "autotp" in old.meta:
-            new.meta["autotp"] = dict(old.meta["autotp"])
-    return fx.GraphModule(gm, graph)
 
 
 def _ranges(xs: list[int]) -> str:

@@ -1,4 +1,8 @@
-"""insert_collectives: put a collective on every edge whose placements differ.
+"""insert_collectives: put a collective on every edge whose placements differ; then three
+passes of their own that improve what it inserted (in the pipeline after it, ``passes/__init__``):
+``fuse_gather_grad_reduce`` (a gather for sharded consumers reduce-scatters its gradient),
+``hoist_gathers`` (above repeat_kv's views, for ``lower_attention``) and ``bucket_grad_reduces``
+(one all-reduce for many small parameter gradients).
 
 For each consumer input whose required placement differs from the producer's, insert the
 redistribution (``passes.redistribute.steps``) right after the producer, shared by every
@@ -154,9 +158,6 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 src = group_grad_reduced(t, node)
             if src is not t:
                 _replace_input(node, i, src)
-    _fuse_gather_and_grad_reduce(graph)
-    _hoist_gathers(graph)
-    _bucket_parameter_grad_reduces(graph, ctx)
     graph.lint()
     gm.recompile()
     return gm
@@ -169,12 +170,13 @@ def _group_volume(groups: int, world: int) -> float:
     return (1 / groups) * ((b - 1) / b) / ((world - 1) / world) if world > 1 else 0.0
 
 
-def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
+def fuse_gather_grad_reduce(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """``all_gather`` whose only user is ``reduce_grad`` (directly or through a chain of
     single-user reshapes, which commute with both): the gathered tensor feeds sharded ops only,
     so its gradient is a partial sum of the full tensor and the gather's backward can
     reduce-scatter it straight into the shard (``comm.all_gather_rs``) instead of all-reducing
     the whole tensor and keeping a chunk.  Half the backward bytes; what Megatron-SP does."""
+    graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not comm.reduce_grad:
             continue
@@ -190,9 +192,10 @@ def _fuse_gather_and_grad_reduce(graph: fx.Graph) -> None:
                     reason=info["reason"] + "; its consumers are sharded, so the gradient is reduce-scattered")
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
+    return _done(gm)
 
 
-def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
+def bucket_grad_reduces(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Replicated parameters used inside sharded ops (norm scales under sequence parallelism,
     biases added to sharded activations) each get Megatron's f: a small all-reduce of their
     gradient.  Bucket them: ``reduce_grad(cat(p1.flatten(), p2.flatten(), ...))`` and each use
@@ -202,6 +205,7 @@ def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
     Where FSDP2 shards the parameters per layer (``ctx.dp_sharded``) a layer's parameters are
     gathered only for the layer, so a bucket cannot read them ahead of it: one bucket per block
     (``block_path``; the root's part is one more), inside the block, one all-reduce per layer."""
+    graph = gm.graph
     fs = [n for n in graph.nodes if n.op == "call_function" and n.target in (comm.reduce_grad, comm.reduce_grad_in_group)
           and n.args[0].op == "placeholder" and n.args[0].name in ctx.params]
     groups: dict = {}
@@ -212,6 +216,7 @@ def _bucket_parameter_grad_reduces(graph: fx.Graph, ctx: PassContext) -> None:
             # a block's bucket sits where the block first reads one; the model's right after its inputs
             first = group[0] if ctx.dp_sharded else next(n for n in graph.nodes if n.op != "placeholder")
             _bucket(graph, group, first, ctx, inside=ctx.dp_sharded)
+    return _done(gm)
 
 
 def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext, inside: bool) -> None:
@@ -264,12 +269,13 @@ def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext
         offset, cur = offset + n, view
 
 
-def _hoist_gathers(graph: fx.Graph) -> None:
+def hoist_gathers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Move an all-gather above the ``unsqueeze`` and full-range ``slice`` nodes that feed it
     (``x[:, :, None, :, :]``, repeat_kv's first step): the same bytes, and the chain after the
     gather is then the replicated one ``lower_attention`` recognises (it feeds un-repeated k/v
     to the attention op instead of materialising the repeat)."""
     aten = torch.ops.aten
+    graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (comm.all_gather, comm.all_gather_rs):
             continue
@@ -306,6 +312,13 @@ def _hoist_gathers(graph: fx.Graph) -> None:
             user.replace_input_with(node, cur)
         for view in moved:                    # nearest first: each loses its only user in turn
             graph.erase_node(view)
+    return _done(gm)
+
+
+def _done(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _full_slice(node: fx.Node) -> bool:
