@@ -282,111 +282,143 @@ def large_weights(nodes: list[fx.Node], ctx: PassContext) -> set[fx.Node]:
 
 
 def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Choose one strategy per node (the formulation is the module's docstring)."""
     t0 = time.perf_counter()
-    lp = _ILP()
-    world, link = ctx.world, ctx.link
-    grad = _needs_grad(gm, ctx) if ctx.training else set()
-    weight_like = weights(gm, ctx)
-    y: dict[fx.Node, list[int]] = {}
-    sp = ctx.activation_terms
-    nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
-    tied = tie_repeated_layers(nodes, ctx)
-    large = large_weights(nodes, ctx)
-    for n in nodes:
-        strategies = n.meta["autotp"]["strategies"]
-        v = val(n)
-        is_weight = n in large
-        rep = tied.get(n)
-        ids = y[rep] if rep is not None else []
-        count_act = sp and is_activation(n, weight_like, n in grad or not ctx.training)
-        for k, s in enumerate(strategies):
-            mem = _bytes(v) * _fraction(v, s.output, world) if is_weight else 0.0
-            eps = 0.0 if s.replicated else _EPS * (1 + _strided(s) + _GRID_EPS * _grids(s))
-            if n.op == "placeholder" and n in grad and group_replicated(s.output):
-                # its gradient is summed over the group, in one bucket with the others: bytes, no latency
-                b = world // s.output.groups
-                eps += (reduce_grad_time(_bytes(v) / s.output.groups, b, link) - get_link(link).latency) * 1e6 if b > 1 else 0.0
-            act = activation_bytes(n, s.output, ctx) if count_act else 0.0
-            if rep is None:
-                ids.append(lp.var(mem=mem, t=eps, act=act))
-            else:
-                lp.cost_mem[ids[k]] += mem
-                lp.cost_time[ids[k]] += eps
-                lp.cost_act[ids[k]] += act
-        y[n] = ids
-        if rep is None:
-            lp.row({j: 1.0 for j in ids}, 1.0, 1.0)
+    problem = _Problem(gm, ctx)
+    problem.one_strategy_per_node()
+    problem.edges()
+    problem.outputs()
+    x, stats = problem.solve_levels()
+    problem.apply(x)
+    ctx.solver_stats = {**stats, "seconds": time.perf_counter() - t0}
+    return gm
 
-    def producer_options(t: fx.Node) -> dict:
+
+class _Problem:
+    """The ILP of one graph, built constraint group by constraint group (the names of the module's
+    docstring): ``one_strategy_per_node`` (one), ``edges`` (edge, redist, never, f), ``outputs``
+    (outputs); ``solve_levels`` runs the objective's levels, ``apply`` writes the plan."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext):
+        self.gm, self.ctx, self.lp = gm, ctx, _ILP()
+        self.grad = _needs_grad(gm, ctx) if ctx.training else set()
+        self.weight_like = weights(gm, ctx)
+        self.nodes = [n for n in gm.graph.nodes if n.meta.get("autotp", {}).get("strategies")]
+        self.tied = tie_repeated_layers(self.nodes, ctx)
+        self.large = large_weights(self.nodes, ctx)
+        self.y: dict[fx.Node, list[int]] = {}        # node -> its strategies' variables
+        self.redist: dict[tuple, int] = {}           # (tensor, q, p) -> r[t,q,p]
+        self.freduce: dict = {}                      # tensor -> z[t]
+        self.seen_edges: set = set()
+        self.gathered_into: dict = {}                # reshape node -> variables "its input was gathered"
+        self.instances: dict = {}                    # canonical tensor -> the real tensors it stands for
+        self.unit_cost: dict = {}                    # variable id -> (tensor, cost of one instance, MiB)
+
+    # ---- (one): sum_k y[v,k] = 1, with each strategy's weight bytes, eps and activation bytes
+
+    def one_strategy_per_node(self) -> None:
+        lp, ctx, world, link = self.lp, self.ctx, self.ctx.world, self.ctx.link
+        for n in self.nodes:
+            v = val(n)
+            rep = self.tied.get(n)
+            ids = self.y[rep] if rep is not None else []
+            count_act = ctx.activation_terms and is_activation(n, self.weight_like, n in self.grad or not ctx.training)
+            for k, s in enumerate(n.meta["autotp"]["strategies"]):
+                mem = _bytes(v) * _fraction(v, s.output, world) if n in self.large else 0.0
+                eps = 0.0 if s.replicated else _EPS * (1 + _strided(s) + _GRID_EPS * _grids(s))
+                if n.op == "placeholder" and n in self.grad and group_replicated(s.output):
+                    # its gradient is summed over the group, in one bucket with the others: bytes, no latency
+                    b = world // s.output.groups
+                    eps += (reduce_grad_time(_bytes(v) / s.output.groups, b, link) - get_link(link).latency) * 1e6 \
+                        if b > 1 else 0.0
+                act = activation_bytes(n, s.output, ctx) if count_act else 0.0
+                if rep is None:
+                    ids.append(lp.var(mem=mem, t=eps, act=act))
+                else:
+                    lp.cost_mem[ids[k]] += mem
+                    lp.cost_time[ids[k]] += eps
+                    lp.cost_act[ids[k]] += act
+            self.y[n] = ids
+            if rep is None:
+                lp.row({j: 1.0 for j in ids}, 1.0, 1.0)
+
+    def producer_options(self, t: fx.Node) -> dict:
         """placement q -> variable ids whose choice makes t come out as q."""
         alias = t.meta.get("autotp", {}).get("alias_of")
+        out: dict = {}
         if alias is not None:
             root, idx = alias
-            strategies = root.meta["autotp"]["strategies"]
-            out = {}
-            for k, s in enumerate(strategies):
-                out.setdefault(s.output[idx], []).append(y[root][k])
+            for k, s in enumerate(root.meta["autotp"]["strategies"]):
+                out.setdefault(s.output[idx], []).append(self.y[root][k])
             return out
-        out = {}
         for k, s in enumerate(t.meta["autotp"]["strategies"]):
-            out.setdefault(s.output, []).append(y[t][k])
+            out.setdefault(s.output, []).append(self.y[t][k])
         return out
 
-    redist: dict[tuple, int] = {}
-    freduce: dict[fx.Node, int] = {}
-
-    def canon(n: fx.Node):
+    def canon(self, n: fx.Node):
         """The representative of ``n`` under layer tying (getitems by their root's)."""
         alias = n.meta.get("autotp", {}).get("alias_of")
         if alias is not None:
-            return ("item", canon(alias[0]), alias[1])
-        return tied.get(n, n)
+            return ("item", self.canon(alias[0]), alias[1])
+        return self.tied.get(n, n)
 
-    seen_edges: set = set()
-    gathered_into: dict = {}              # reshape node -> variables "its input was gathered"
-    instances: dict = {}                  # canonical tensor -> the real tensors it stands for
-    unit_cost: dict = {}                  # variable id -> cost of one instance
+    # ---- (edge), (redist), (never), (f): every consumer slot of every tensor
 
-    def consume(t: fx.Node, need: dict, sharded_use: list[int], fixed: bool = False, v=None, i=0) -> None:
+    def edges(self) -> None:
+        for v in self.nodes:
+            if v.op == "placeholder":
+                continue
+            strategies = v.meta["autotp"]["strategies"]
+            for i, t in enumerate(tensor_inputs(v)):
+                need: dict = {}
+                sharded = []
+                for k, s in enumerate(strategies):
+                    need.setdefault(s.inputs[i], []).append(self.y[v][k])
+                    if s.inputs[i] == R and not s.replicated:
+                        sharded.append(self.y[v][k])
+                self.consume(t, need, sharded, v=v, i=i)
+
+    def consume(self, t: fx.Node, need: dict, sharded_use: list[int], fixed: bool = False, v=None, i=0) -> None:
         """Consumer slot needs placement p when any var in need[p] is 1 (``fixed``: need is a
         constant requirement, not variables).  Transport formulation of the edge: e[q,p] is
         "t comes as q and goes as p"; rows: sum_p e[q,p] = X[q], sum_q e[q,p] = Y[p].  Its LP
         relaxation is tight on trees, which keeps HiGHS from branching much."""
+        lp, ctx, world, link = self.lp, self.ctx, self.ctx.world, self.ctx.link
         info = t.meta.get("autotp", {})
         if not info.get("strategies") and "alias_of" not in info:
             return
-        ct = canon(t)
-        instances.setdefault(ct, set()).add(t)
-        edge = (ct, canon(v) if v is not None else "output", i)
-        if edge in seen_edges:            # a tied layer's copy of an edge: same rows, skip
+        ct = self.canon(t)
+        self.instances.setdefault(ct, set()).add(t)
+        edge = (ct, self.canon(v) if v is not None else "output", i)
+        if edge in self.seen_edges:       # a tied layer's copy of an edge: same rows, skip
             return
-        seen_edges.add(edge)
+        self.seen_edges.add(edge)
         gathers = []                      # variables "t arrives here gathered from a shard"
-        have = producer_options(t)
+        have = self.producer_options(t)
         nbytes = planned_bytes(t, ctx)
-        is_param = t in weight_like
+        is_param = t in self.weight_like
         e: dict[tuple, int] = {}
         for q in have:
             for p in need:
                 if q == p:
                     e[q, p] = lp.var(integral=False)
                     continue
-                # a weight arrives in its placement, never redistributed; except that a replicated
-                # one may be sliced where FSDP2 forbids the shard itself (ctx.dp_sharded: a fused
-                # bias whose shard would be strided), its gradient gathered in backward
+                # (never) a weight arrives in its placement, never redistributed; except that a
+                # replicated one may be sliced where FSDP2 forbids the shard itself (ctx.dp_sharded:
+                # a fused bias whose shard would be strided), its gradient gathered in backward
                 sliced = ctx.dp_sharded and q == R and is_shard(p)
-                cost = None if is_param and not sliced else transition_time(q, p, nbytes, world, link, t in grad)
+                cost = None if is_param and not sliced else transition_time(q, p, nbytes, world, link, t in self.grad)
                 if cost is None:
                     continue
                 e[q, p] = lp.var(integral=False)
                 if is_shard(q) and p == R:
                     gathers.append(e[q, p])
                 key = (ct, q, p)
-                if key not in redist:
-                    act = nbytes / (world if splits(p) else 1) / 2**20 if sp and nbytes else 0.0
-                    redist[key] = lp.var(integral=False)
-                    unit_cost[redist[key]] = (ct, cost * 1e6, act)
-                lp.row({redist[key]: 1.0, e[q, p]: -1.0}, 0.0, np.inf)
+                if key not in self.redist:   # (redist) one redistribution serves every consumer
+                    act = nbytes / (world if splits(p) else 1) / 2**20 if ctx.activation_terms and nbytes else 0.0
+                    self.redist[key] = lp.var(integral=False)
+                    self.unit_cost[self.redist[key]] = (ct, cost * 1e6, act)
+                lp.row({self.redist[key]: 1.0, e[q, p]: -1.0}, 0.0, np.inf)
         for q, qvars in have.items():
             row = {e[q, p]: 1.0 for p in need if (q, p) in e}
             for j in qvars:
@@ -401,100 +433,105 @@ def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 row[j] = row.get(j, 0.0) - 1.0
             lp.row(row, 0.0, 0.0)
         if v is not None and v.target in RESHAPES:
-            gathered_into[v] = gathers + gathered_into.get(t, [])
-        if sharded_use and t in grad:
-            if ct not in freduce:
-                freduce[ct] = f = lp.var(integral=False)
-                unit_cost[f] = (ct, reduce_grad_time(nbytes, world, link) * 1e6, 0.0)
-                # t is produced sharded (then gathered), or is a reshape of a gathered tensor
-                sharded_in = [j for q, qvars in have.items() if is_shard(q) for j in qvars] + \
-                    gathered_into.get(t, [])
-                if sharded_in:            # gathered from a shard: the backward is a reduce-scatter
-                    g = lp.var(integral=False)
-                    saving = collective_time(ALL_REDUCE, nbytes, world, link) - \
-                        collective_time(REDUCE_SCATTER, nbytes, world, link)
-                    unit_cost[g] = (ct, -saving * 1e6, 0.0)
-                    lp.row({g: 1.0, f: -1.0}, -np.inf, 0.0)
-                    lp.row({g: 1.0, **{j: -1.0 for j in sharded_in}}, -np.inf, 0.0)
-            lp.row({freduce[ct]: 1.0, **{j: -1.0 for j in sharded_use}}, 0.0, np.inf)
+            self.gathered_into[v] = gathers + self.gathered_into.get(t, [])
+        if sharded_use and t in self.grad:
+            self.grad_reduction(t, ct, have, nbytes, sharded_use)
 
-    for v in nodes:
-        if v.op == "placeholder":
-            continue
-        strategies = v.meta["autotp"]["strategies"]
-        for i, t in enumerate(tensor_inputs(v)):
-            need: dict = {}
-            sharded = []
-            for k, s in enumerate(strategies):
-                need.setdefault(s.inputs[i], []).append(y[v][k])
-                if s.inputs[i] == R and not s.replicated:
-                    sharded.append(y[v][k])
-            consume(t, need, sharded, v=v, i=i)
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    carried = tie_state_outputs(lp, out_node, ctx, producer_options)
-    if not ctx.sharded_outputs:
-        for t in out_node.all_input_nodes:
-            if isinstance(val(t), torch.Tensor) and t not in carried:
-                consume(t, {R: []}, [], fixed=True, i=t.name)   # outputs come back replicated
-    for j, (ct, cost, act) in unit_cost.items():      # every tied layer pays its own collectives
-        lp.cost_time[j] += cost * len(instances[ct])
-        lp.cost_act[j] += act * len(instances[ct])
+    def grad_reduction(self, t: fx.Node, ct, have: dict, nbytes: float, sharded_use: list[int]) -> None:
+        """(f) z[t] >= the strategies that take t replicated while sharding something else; g[t]:
+        gathered from a shard, the backward is a reduce-scatter instead of an all-reduce."""
+        lp, world, link = self.lp, self.ctx.world, self.ctx.link
+        if ct not in self.freduce:
+            self.freduce[ct] = f = lp.var(integral=False)
+            self.unit_cost[f] = (ct, reduce_grad_time(nbytes, world, link) * 1e6, 0.0)
+            # t is produced sharded (then gathered), or is a reshape of a gathered tensor
+            sharded_in = [j for q, qvars in have.items() if is_shard(q) for j in qvars] + \
+                self.gathered_into.get(t, [])
+            if sharded_in:
+                g = lp.var(integral=False)
+                saving = collective_time(ALL_REDUCE, nbytes, world, link) - \
+                    collective_time(REDUCE_SCATTER, nbytes, world, link)
+                self.unit_cost[g] = (ct, -saving * 1e6, 0.0)
+                lp.row({g: 1.0, f: -1.0}, -np.inf, 0.0)
+                lp.row({g: 1.0, **{j: -1.0 for j in sharded_in}}, -np.inf, 0.0)
+        lp.row({self.freduce[ct]: 1.0, **{j: -1.0 for j in sharded_use}}, 0.0, np.inf)
 
-    mem = np.array(lp.cost_mem)
-    x1 = lp.solve(mem)
-    best_mem = float(mem @ x1)
-    allowance = _replication_allowance(nodes, large, y, tied, lp)
-    budget = best_mem + allowance
-    keep = [LinearConstraint(mem.reshape(1, -1), -np.inf, budget * (1 + 1e-9) + 0.5)]
-    acost = np.array(lp.cost_act)
-    tcost = np.array(lp.cost_time)
-    x = None
-    if ctx.max_activation_mib is not None and not ctx.sequence_parallel:
-        try:                              # the fastest plan under the cap
-            x = lp.solve(tcost, keep + [LinearConstraint(acost.reshape(1, -1), -np.inf, ctx.max_activation_mib)])
-        except AutoTPError:
-            ctx.note(f"no plan keeps activations under {ctx.max_activation_mib:.1f} MiB per rank at the planning "
-                     f"sizes: planned for the least activation memory instead (sequence parallelism)")
-    if x is None:
-        if sp:
-            best_act = float(acost @ lp.solve(acost, keep))
-            keep.append(LinearConstraint(acost.reshape(1, -1), -np.inf, best_act * (1 + 1e-7) + 1e-3))
-        x = lp.solve(tcost, keep)
-    if float(mem @ x) > best_mem * (1 + 1e-9) + 0.5:  # the budget's slack was taken: the least memory at that time
-        x = lp.solve(mem, keep + [LinearConstraint(tcost.reshape(1, -1), -np.inf, float(tcost @ x) * (1 + 1e-7) + 1e-6)])
-    whole = _whole_kv_heads(nodes, y, x)
-    saved_us = None
-    if whole:                             # what keeping them whole saves: the best plan without
+    # ---- (outputs)
+
+    def outputs(self) -> None:
+        out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
+        carried = tie_state_outputs(self.lp, out_node, self.ctx, self.producer_options)
+        if not self.ctx.sharded_outputs:
+            for t in out_node.all_input_nodes:
+                if isinstance(val(t), torch.Tensor) and t not in carried:
+                    self.consume(t, {R: []}, [], fixed=True, i=t.name)   # outputs come back replicated
+        for j, (ct, cost, act) in self.unit_cost.items():      # every tied layer pays its own collectives
+            self.lp.cost_time[j] += cost * len(self.instances[ct])
+            self.lp.cost_act[j] += act * len(self.instances[ct])
+
+    # ---- the objective's levels
+
+    def solve_levels(self) -> tuple[np.ndarray, dict]:
+        lp, ctx = self.lp, self.ctx
+        mem, acost, tcost = np.array(lp.cost_mem), np.array(lp.cost_act), np.array(lp.cost_time)
+        best_mem = float(mem @ lp.solve(mem))                              # 1. memory
+        budget = best_mem + _replication_allowance(self.nodes, self.large, self.y, self.tied, lp)
+        keep = [LinearConstraint(mem.reshape(1, -1), -np.inf, budget * (1 + 1e-9) + 0.5)]
+        x = None
+        if ctx.max_activation_mib is not None and not ctx.sequence_parallel:
+            try:                              # the fastest plan under the cap
+                x = lp.solve(tcost, keep + [LinearConstraint(acost.reshape(1, -1), -np.inf, ctx.max_activation_mib)])
+            except AutoTPError:
+                ctx.note(f"no plan keeps activations under {ctx.max_activation_mib:.1f} MiB per rank at the planning "
+                         f"sizes: planned for the least activation memory instead (sequence parallelism)")
+        if x is None:
+            if ctx.activation_terms:                                        # 1b. activations
+                best_act = float(acost @ lp.solve(acost, keep))
+                keep.append(LinearConstraint(acost.reshape(1, -1), -np.inf, best_act * (1 + 1e-7) + 1e-3))
+            x = lp.solve(tcost, keep)                                       # 2. time
+        if float(mem @ x) > best_mem * (1 + 1e-9) + 0.5:                   # 3. the least memory at that time
+            x = lp.solve(mem, keep + [LinearConstraint(tcost.reshape(1, -1), -np.inf, float(tcost @ x) * (1 + 1e-7) + 1e-6)])
+        self.saved_us = self._kv_saving(x, tcost, keep)
+        return x, {"variables": len(lp.cost_mem), "constraints": lp.nrows,
+                   "weight_bytes_per_rank": float(mem @ x), "weight_bytes_min": best_mem,
+                   "weight_bytes_budget": budget, "comm_time_us": float(tcost @ x),
+                   "activation_mib_per_rank": float(acost @ x) if ctx.activation_terms else None}
+
+    def _kv_saving(self, x, tcost, keep) -> float | None:
+        """What keeping kv heads whole saves against the best plan that keeps none whole (None when
+        the plan keeps none, or no such plan exists: placements pinned by the user)."""
+        self.whole = _whole_kv_heads(self.nodes, self.y, x)
+        if not self.whole:
+            return None
         try:
-            split = lp.solve(tcost, keep + [LinearConstraint(_indicator(whole, len(tcost)), 0, 0)])
-            saved_us = float(tcost @ split) - float(tcost @ x)
-        except AutoTPError:               # none (placements pinned by the user or a forward plan)
-            pass
-    for n in gm.graph.nodes:
-        n.meta.setdefault("autotp", {})["grad"] = n in grad or not ctx.training
-    for n in nodes:
-        k = int(np.argmax([x[j] for j in y[n]]))
-        s = n.meta["autotp"]["strategies"][k]
-        n.meta["autotp"]["strategy"] = s
-        n.meta["autotp"]["placement"] = s.output
-    for n in gm.graph.nodes:
-        alias = n.meta.get("autotp", {}).get("alias_of")
-        if alias is not None and "strategy" in alias[0].meta.get("autotp", {}):
-            n.meta["autotp"]["placement"] = alias[0].meta["autotp"]["strategy"].output[alias[1]]
-    for n in sorted(large, key=lambda n: n.name):
-        if n.meta["autotp"]["placement"] == R and n not in tied and world > 1 and ctx.params[n.name] not in ctx.pins:
-            ctx.note(f"{ctx.params[n.name]} {list(val(n).shape)} stays replicated: no split of it by {world} "
-                     f"keeps its consumers local (sizes do not divide, or an op on it has no sharding rule)")
-    if whole:
-        _note_kv_replication(nodes, ctx, saved_us)
-    if world > 1:
-        _note_replicated_attention(nodes, tied, ctx)
-    ctx.solver_stats = {"variables": len(lp.cost_mem), "constraints": lp.nrows,
-                        "weight_bytes_per_rank": float(mem @ x), "weight_bytes_min": best_mem,
-                        "weight_bytes_budget": budget, "comm_time_us": float(tcost @ x),
-                        "activation_mib_per_rank": float(acost @ x) if sp else None,
-                        "seconds": time.perf_counter() - t0}
-    return gm
+            split = self.lp.solve(tcost, keep + [LinearConstraint(_indicator(self.whole, len(tcost)), 0, 0)])
+        except AutoTPError:
+            return None
+        return float(tcost @ split) - float(tcost @ x)
+
+    # ---- the plan
+
+    def apply(self, x) -> None:
+        ctx, world = self.ctx, self.ctx.world
+        for n in self.gm.graph.nodes:
+            n.meta.setdefault("autotp", {})["grad"] = n in self.grad or not ctx.training
+        for n in self.nodes:
+            s = n.meta["autotp"]["strategies"][int(np.argmax([x[j] for j in self.y[n]]))]
+            n.meta["autotp"]["strategy"] = s
+            n.meta["autotp"]["placement"] = s.output
+        for n in self.gm.graph.nodes:
+            alias = n.meta.get("autotp", {}).get("alias_of")
+            if alias is not None and "strategy" in alias[0].meta.get("autotp", {}):
+                n.meta["autotp"]["placement"] = alias[0].meta["autotp"]["strategy"].output[alias[1]]
+        for n in sorted(self.large, key=lambda n: n.name):
+            if n.meta["autotp"]["placement"] == R and n not in self.tied and world > 1 \
+                    and ctx.params[n.name] not in ctx.pins:
+                ctx.note(f"{ctx.params[n.name]} {list(val(n).shape)} stays replicated: no split of it by {world} "
+                         f"keeps its consumers local (sizes do not divide, or an op on it has no sharding rule)")
+        if self.whole:
+            _note_kv_replication(self.nodes, ctx, self.saved_us)
+        if world > 1:
+            _note_replicated_attention(self.nodes, self.tied, ctx)
 
 
 def _note_replicated_attention(nodes, tied, ctx: PassContext) -> None:
