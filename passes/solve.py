@@ -67,6 +67,7 @@ from autotp.passes.context import AutoTPError, PassContext, module_path, node_la
 from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time, get_link
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
+from autotp.passes.rules.attention import ATTENTION_OPS
 from autotp.passes.rules.views import RESHAPES, WEIGHT_VIEWS
 from autotp.placement import Grid, R, fmt, group_replicated, is_shard, local_shape, split_factor, splits
 
@@ -537,7 +538,7 @@ class _Problem:
 def _note_replicated_attention(nodes, tied, ctx: PassContext) -> None:
     """An attention run whole on every rank (its inputs gathered) says why: its heads."""
     for n in nodes:
-        if n in tied or n.op != "call_function" or str(n.target) not in _ATTENTION_OPS:
+        if n in tied or n.op != "call_function" or str(n.target) not in ATTENTION_OPS:
             continue
         if not n.meta["autotp"]["strategy"].replicated:
             continue
@@ -551,9 +552,6 @@ def _note_replicated_attention(nodes, tied, ctx: PassContext) -> None:
         ctx.note(f"attention `{n.name}` ({module_path(n) or 'the model'}) runs whole on every rank, its q, k and v gathered: {why} "
                  f"(each rank must hold whole heads; unequal head blocks are not supported yet)")
         return                            # the layers repeat it: once is enough
-
-
-_ATTENTION_OPS = {"aten.scaled_dot_product_attention.default", "autotp.attention.default"}
 
 
 def _keeps_kv_heads_whole(n: fx.Node, s) -> bool:

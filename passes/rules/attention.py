@@ -55,13 +55,13 @@ def sdpa_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     return strategies
 
 
-_ATTENTION = {aten.scaled_dot_product_attention.default, "autotp.attention.default"}
+ATTENTION_OPS = {"aten.scaled_dot_product_attention.default", "autotp.attention.default"}   # str(node.target)
 
 
 def _kv_groups(node: fx.Node, world: int) -> int | None:
     """The kv head count ``H_kv`` when attention ``node`` has fewer kv heads than ``world`` ranks,
     ``H_kv`` divides ``world`` and ``world`` divides the query heads; else None."""
-    if node.op != "call_function" or (node.target not in _ATTENTION and str(node.target) not in _ATTENTION):
+    if node.op != "call_function" or str(node.target) not in ATTENTION_OPS:
         return None
     q, k, v = (val(a) for a in node.args[:3])
     if q.ndim != 4 or k.ndim != 4 or not node.kwargs.get("enable_gqa", False):
@@ -80,6 +80,7 @@ def kv_head_groups(gm: fx.GraphModule, world: int, params) -> dict[str, set[int]
     met walking back from k and v up to and including the first weight matmul (``params``: the
     graph's parameter placeholders by name)."""
     out: dict[str, set[int]] = {}
+    weight_like = None
     for n in gm.graph.nodes:
         g, sources = _kv_groups(n, world), n.args[1:3]
         if g is None and n.op == "call_function" and n.target == aten.expand.default \
@@ -91,23 +92,16 @@ def kv_head_groups(gm: fx.GraphModule, world: int, params) -> dict[str, set[int]
                 if hkv < world and world % hkv == 0 and hq % world == 0:
                     g, sources = hkv, n.args[:1]
         if g is not None:                      # (g = 1: MQA, whose k and v projections are replicated)
-            for name in _projection_params(sources, params):
+            weight_like = _weight_like(gm, params) if weight_like is None else weight_like
+            for name in _projection_params(sources, params, weight_like):
                 out.setdefault(name, set()).add(g)
     return out
 
 
-def _projection_params(sources, params) -> set[str]:
+def _projection_params(sources, params, weight_like: set) -> set[str]:
     """The parameters that compute ``sources``: walking back through ops until (and including) the
-    first op that reads a weight matrix — a parameter of >= 2 dims, or a view of one only."""
-    weight_like: dict = {}
-
-    def is_weight(a: fx.Node) -> bool:
-        if a not in weight_like:
-            ins = a.all_input_nodes
-            weight_like[a] = (a.op == "placeholder" and a.name in params and val(a).ndim >= 2) or (
-                a.op == "call_function" and bool(ins) and all(is_weight(x) for x in ins))
-        return weight_like[a]
-
+    first op that reads a weight matrix (``weight_like``: parameters of >= 2 dims and what is
+    computed from them alone)."""
     found, seen = set(), set()
     stack = [a for a in sources if isinstance(a, fx.Node)]
     while stack:
@@ -120,9 +114,19 @@ def _projection_params(sources, params) -> set[str]:
                 found.add(n.name)
             continue
         ins = n.all_input_nodes
-        weights = [a for a in ins if is_weight(a)]
-        if weights and not is_weight(n):      # a matmul with a weight: its weight (and bias) end the walk
-            stack += [a for a in ins if a.op == "placeholder" or is_weight(a)]
+        if n not in weight_like and any(a in weight_like for a in ins):
+            stack += [a for a in ins if a.op == "placeholder" or a in weight_like]   # its weight (and bias)
         else:
             stack += ins
     return found
+
+
+def _weight_like(gm: fx.GraphModule, params) -> set:
+    """Parameters of >= 2 dims, and the nodes computed from them alone (a transpose, a cast)."""
+    out: set = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.name in params and val(n).ndim >= 2:
+            out.add(n)
+        elif n.op == "call_function" and n.all_input_nodes and all(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
