@@ -131,14 +131,16 @@ class _AllReduce(torch.autograd.Function):
 
 
 class _ReduceGrad(torch.autograd.Function):
+    """Identity forward; backward, the all-reduce over ``group`` — or, with ``groups`` > 1, over
+    this rank's group of the (groups, N/groups) view of it (``_in_group``)."""
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, groups):
+        ctx.group = (group, groups)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return _ar(g, ctx.group), None
+        return _ar(g, _in_group(*ctx.group)), None, None
 
 
 class _AllGather(torch.autograd.Function):
@@ -227,7 +229,7 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 
 def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
     """R used inside a sharded op (Megatron's f): identity forward, all-reduce backward."""
-    return _ReduceGrad.apply(x, group)
+    return _ReduceGrad.apply(x, group, 1)
 
 
 # The N/a ranks of each group of a 2-D (a, N/a) view of a mesh (kv heads replicated over the
@@ -251,18 +253,7 @@ def reduce_grad_in_group(x: torch.Tensor, group: str, groups: int) -> torch.Tens
     """Grid(S(d), R, a), a parameter whose rows every rank of a group holds (a kv head replicated
     over the ranks of its query heads): identity forward; backward, its gradient — each rank's
     share from its own query heads — is all-reduced over the group."""
-    return _ReduceGradInGroup.apply(x, group, groups)
-
-
-class _ReduceGradInGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, groups):
-        ctx.group = (group, groups)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _ar(g, _in_group(*ctx.group)), None, None
+    return _ReduceGrad.apply(x, group, groups)
 
 
 def group_slice(x: torch.Tensor, dim: int, factor: int, groups: int, group: str, world: int, rank: int) -> torch.Tensor:
