@@ -172,6 +172,8 @@ def read_feed(feed):
         p = getattr(feed[1], feed[2])
         if p.device_mesh.ndim > feed[3]:        # FSDP2's sharded (dp, tp) parameter, not unsharded
             raise _still_sharded(feed[4], p)
+        if p.dtype != feed[5]:                  # not the traced dtype (FSDP2 mixed precision on an fp32 plan)
+            raise _other_dtype(feed[4], p.dtype, feed[5])
         return p.to_local()
     if kind == "buffer":
         return getattr(feed[1], feed[2])
@@ -185,6 +187,23 @@ def _still_sharded(name: str, p) -> AutoTPError:
                        f"the root; a module given to fully_shard that is neither (a submodule of a layer), or a "
                        f"parameter read outside its block, is never unsharded in time.  Apply fully_shard to "
                        f"each of pmodel.blocks() and then to pmodel (docs/fsdp2.md)")
+
+
+def _other_dtype(name: str, got: torch.dtype, planned: torch.dtype) -> AutoTPError:
+    """A parameter whose dtype is not the one the graph was captured with.  The graph cannot be
+    re-typed: a cast the model derives from its own tensors (RMSNorm's ``.to(input_dtype)``, the
+    rotary table's ``cos.to(x.dtype)``) is a dtype constant in it, and export has merged a no-op
+    ``x.to(float32)`` of the fp32 trace with ``x`` (Llama's residual reads the upcast copy)."""
+    if got.itemsize < planned.itemsize:      # FSDP2's MixedPrecisionPolicy(param_dtype=bf16) on a plan made in fp32
+        way_out = (f"plan in the dtype the parameters have when the graph runs: call autotp.parallelize on the model "
+                   f"in {got} (model.to({got})), then pmodel.to({planned}) for {planned} master weights, then "
+                   f"fully_shard with the MixedPrecisionPolicy")
+    else:
+        way_out = (f"apply FSDP2's MixedPrecisionPolicy(param_dtype={planned}), which casts the parameters for the "
+                   f"forward, or keep them in {planned} (pmodel.to({planned}))")
+    return AutoTPError(f"parameter `{name}` is {got} when the graph reads it, but the plan was captured with "
+                       f"{planned} parameters, and the captured graph keeps the dtype casts of its trace (RMSNorm's "
+                       f"`.to(input_dtype)` is a constant {planned}): {way_out} (docs/fsdp2.md, 'Mixed precision')")
 
 
 def share_children(module: nn.Module) -> nn.Module:

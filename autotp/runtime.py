@@ -168,7 +168,7 @@ class ParallelModule(nn.Module):
             if node.name in plan.captured.params:
                 name = plan.captured.params[node.name]
                 grid = isinstance(node.meta.get("autotp", {}).get("placement"), Grid)
-                feeds[node.name] = ("param", *owner(name), 2 if grid else 1, name)
+                feeds[node.name] = ("param", *owner(name), 2 if grid else 1, name, node.meta["val"].dtype)
             elif node.name in plan.captured.buffers:
                 feeds[node.name] = ("buffer", *owner(plan.captured.buffers[node.name]))
             elif node.name in plan.captured.constants:

@@ -13,7 +13,8 @@
   ``--dtype bf16-mixed`` (dp > 1): planned in bf16, fp32 master weights and AdamW state, FSDP2's
   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` casts each layer's gathered
   weights to bf16 and reduces gradients in fp32 (torchtitan's way).  The plan must be made in
-  bf16: the captured graph keeps the dtype casts it was traced with (RMSNorm's ``.to(input_dtype)``).
+  bf16: the captured graph keeps the dtype casts it was traced with (RMSNorm's ``.to(input_dtype)``);
+  a plan made in fp32 raises an AutoTPError at the first forward (docs/fsdp2.md, "Mixed precision").
 * Loss: vocab-parallel. The logits stay split over tp (``sharded_outputs=True``) and
   ``autotp.cross_entropy`` computes the exact loss from the slices: no (batch, seq, vocab) gather.
 * Data: a token corpus (``--data`` a .npy of token ids, or a .bin of uint16 ids as nanoGPT writes
