@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from autotp.capture import Captured, capture, concrete
-from autotp.placement import D, R, P, X, Grid, Placement, fmt, is_shard, local_shape, split_factor
+from autotp.placement import D, R, P, X, Grid, Placement, fmt, group_replicated, is_shard, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext, run_passes
 from autotp.base import AutoTPError, layer_index, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
@@ -89,7 +89,9 @@ class Plan:
                 continue
             p = node.meta["autotp"]["placement"]
             role = "replicated"
-            if isinstance(p, Grid):
+            if group_replicated(p):           # kv heads: split over groups of ranks, whole inside each
+                role = f"column-parallel by kv head, replicated x{self.world // p.groups}"
+            elif isinstance(p, Grid):
                 user = _compute_user(node)
                 s = user.meta.get("autotp", {}).get("strategy") if user is not None else None
                 kind = "row" if s is not None and s.output == P else "column"

@@ -43,6 +43,7 @@ def test_llama3_8b_heads_at_tp16_replicate_kv_heads():
     for proj in ("k_proj", "v_proj"):
         assert plan.placements[f"model.layers.0.self_attn.{proj}.weight"] == Grid(S(0), R, 8)
     assert plan.placements["model.layers.0.self_attn.q_proj.weight"] == S(0)
+    assert plan.roles()["model.layers.0.self_attn.k_proj.weight"] == "column-parallel by kv head, replicated x2"
     per_layer = plan.counts()["per_layer_forward"]
     assert per_layer[0] == per_layer[1] == collections.Counter(all_reduce=2), per_layer
     note = next(n for n in plan.notes if n.startswith("k/v heads replicated x2"))
