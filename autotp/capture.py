@@ -324,9 +324,29 @@ def caches_off(model: torch.nn.Module):
             c.use_cache = before[k]
 
 
+@contextlib.contextmanager
+def params_as(model: torch.nn.Module, dtype: torch.dtype | None):
+    """The model's floating-point parameters seen as ``dtype`` copies, for the duration (tied ones
+    stay tied); the model's own parameters are untouched.  Capturing inside it gives the graph the
+    model computes when its parameters are ``dtype`` in the forward (FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=dtype)`` over fp32 master weights): the casts the model
+    derives from its parameters (RMSNorm's ``.to(input_dtype)``) are ``dtype`` casts, which no
+    rewrite of an fp32 graph recovers (docs/fsdp2.md, 'Mixed precision')."""
+    if dtype is None:
+        yield
+        return
+    from torch.nn.utils.stateless import _reparametrize_module
+    # meta copies: export needs only dtypes and shapes, and the captured program keeps what it traced
+    cast = {name: torch.nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"), requires_grad=p.requires_grad)
+            for name, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+    with _reparametrize_module(model, cast, tie_weights=True):
+        yield
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-            dynamic: bool = True) -> Captured:
-    with caches_off(model):
+            dynamic: bool = True, param_dtype: torch.dtype | None = None) -> Captured:
+    """``param_dtype``: capture with the parameters in that dtype (``params_as``); None: as they are."""
+    with caches_off(model), params_as(model, param_dtype):
         return _capture(model, args, kwargs, dynamic)
 
 

@@ -10,6 +10,8 @@
   (the parameters cast to bf16 in the forward, as the policy does).
 * A plan made in fp32 under that policy raises an AutoTPError naming the way out, instead of
   torch's "expected m1 and m2 to have the same dtype" deep in the first layer.
+* ``capture(..., param_dtype=bf16)`` (one process): the graph of the bf16 model over fp32 weights,
+  what ``parallelize(..., param_dtype=)`` will plan from once make_plan passes it on.
 
 Tolerance: 2e-2 relative on each step's loss (bf16 keeps 8 bits of mantissa: 4e-3 per rounding).
 The autotp-vs-one-device difference must also be of the order of bf16's own error (one device in
@@ -183,3 +185,20 @@ def test_fp32_plan_under_bf16_policy_names_the_way_out(results):
     for rank, message in enumerate(r["message"] for r in case(results, "fp32_plan")):
         assert message is not None, "a plan made in fp32 ran under MixedPrecisionPolicy(param_dtype=bf16)"
         assert "captured with torch.float32" in message and "model.to(torch.bfloat16)" in message, message
+
+
+def test_capture_in_the_param_dtype_keeps_the_model_fp32():
+    """``capture(..., param_dtype=bf16)``, the mechanism of planning in bf16 over fp32 weights: the
+    graph is the one of a bf16 model (the parameters bf16, RMSNorm's ``.to(input_dtype)`` a bf16
+    cast), the model's own parameters stay fp32, and tied weights stay one placeholder."""
+    from autotp.capture import capture
+    aten = torch.ops.aten
+    model = build("qwen2")                      # tie_word_embeddings: embedding and head share a weight
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    cast = capture(model, (ids,), param_dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    placeholders = {n.name: getattr(n.meta["val"], "dtype", None) for n in cast.gm.graph.nodes if n.op == "placeholder"}
+    assert {placeholders[n] for n in cast.params} == {torch.bfloat16}
+    assert len(cast.params) == len(list(model.parameters())) == len(model.state_dict()) - 1   # the tied pair: one
+    casts = [n.args[1] for n in cast.gm.graph.nodes if n.target == aten.to.dtype]
+    assert torch.bfloat16 in casts and torch.float32 in casts, casts         # .to(input_dtype) and the upcast
