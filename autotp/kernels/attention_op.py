@@ -184,6 +184,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.is_causal, ctx.scale, ctx.enable_gqa = is_causal, _scale(q, scale), enable_gqa
     ctx.backend = select_backend(q, k, v, attn_mask, is_causal, enable_gqa)[0]
+    device = q.device.type          # the recompute runs under the forward's autocast (q, k, v may differ in dtype)
+    ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
 
 
 def _backward(ctx, grad_out: Tensor):
@@ -196,7 +198,8 @@ def _backward(ctx, grad_out: Tensor):
     needs = (*ctx.needs_input_grad, False, False, False, False)[:4]     # short when called with 3 args
     if q.is_meta:                   # memory simulation: a fused backward allocates the gradients, no L x L
         return (*(torch.empty_like(t) if n else None for t, n in zip((q, k, v, attn_mask), needs)), None, None, None)
-    with torch.enable_grad():
+    device, dtype, autocast = ctx.autocast
+    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
         leaves = [t.detach().requires_grad_(n) if t is not None else None
                   for t, n in zip((q, k, v, attn_mask), needs)]
         out = _run(ctx.backend, *leaves, ctx.is_causal, ctx.scale, ctx.enable_gqa)
