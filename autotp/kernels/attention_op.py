@@ -27,6 +27,8 @@ state is just q, k, v (and the mask).
 """
 from __future__ import annotations
 
+import contextlib
+
 import collections
 import functools
 import logging
@@ -185,7 +187,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.is_causal, ctx.scale, ctx.enable_gqa = is_causal, _scale(q, scale), enable_gqa
     ctx.backend = select_backend(q, k, v, attn_mask, is_causal, enable_gqa)[0]
     device = q.device.type          # the recompute runs under the forward's autocast (q, k, v may differ in dtype)
-    ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    ctx.autocast = (device, torch.get_autocast_dtype(device)) if on else None
 
 
 def _backward(ctx, grad_out: Tensor):
@@ -198,8 +201,8 @@ def _backward(ctx, grad_out: Tensor):
     needs = (*ctx.needs_input_grad, False, False, False, False)[:4]     # short when called with 3 args
     if q.is_meta:                   # memory simulation: a fused backward allocates the gradients, no L x L
         return (*(torch.empty_like(t) if n else None for t, n in zip((q, k, v, attn_mask), needs)), None, None, None)
-    device, dtype, autocast = ctx.autocast
-    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+    autocast = torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext()
+    with torch.enable_grad(), autocast:
         leaves = [t.detach().requires_grad_(n) if t is not None else None
                   for t, n in zip((q, k, v, attn_mask), needs)]
         out = _run(ctx.backend, *leaves, ctx.is_causal, ctx.scale, ctx.enable_gqa)
