@@ -50,7 +50,7 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
                 check_plan: bool = True, check_inputs: bool = False, sequence_parallel: bool = False,
                 max_activation_bytes: float | None = None, activation_checkpointing: str | None = None,
-                dump=None) -> ParallelModule:
+                param_dtype: torch.dtype | None = None, dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
@@ -75,6 +75,15 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     in backward) or "selective" (keep matmul, attention and collective outputs; recompute the
     pointwise ops and norms, so no collective runs twice).  A model whose own checkpointing
     flag is on (Hugging Face's ``gradient_checkpointing_enable()``) gets "full", noted in the plan.
+
+    ``param_dtype``: plan the graph as if the floating-point parameters were in that dtype — what
+    FSDP2's ``MixedPrecisionPolicy(param_dtype=...)`` feeds the forward — while the parameters
+    stay in their own dtype (fp32 master weights, gradients and optimizer state).  The graph
+    keeps the casts of its trace (RMSNorm's ``.to(input_dtype)``), so a plan runs only with
+    parameters of the dtype it was planned in: with ``param_dtype=torch.bfloat16``, apply
+    ``fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))`` to each of
+    ``pmodel.blocks()`` and to ``pmodel`` (docs/fsdp2.md, "Mixed precision").  None: the
+    parameters' own dtype.
     """
     # a mesh with other dims (FSDP2 on "dp"): only placements FSDP2 describes (PassContext.dp_sharded)
     mesh = tp_mesh(mesh, timeout)
@@ -83,7 +92,7 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
                   overrides=overrides, training=True, sharded_outputs=sharded_outputs,
                   sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
-                  dump=dump if rank0 else False, dp_sharded=dp_sharded)
+                  dump=dump if rank0 else False, dp_sharded=dp_sharded, param_dtype=param_dtype)
     if check_plan and mesh.size() > 1:
         check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs, activation_checkpointing=activation_checkpointing)

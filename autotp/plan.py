@@ -429,8 +429,14 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
               sharded_outputs: bool = False, dynamic: bool = True, plan_batch: int = 4,
               plan_seq: int = 2048, sequence_parallel: bool = False, carried_state: dict | None = None,
-              max_activation_bytes: float | None = None, dump=None, dp_sharded: bool = False) -> Plan:
-    """``dp_sharded=True``: FSDP2 will shard the parameters again over another mesh dim, so no
+              max_activation_bytes: float | None = None, dump=None, dp_sharded: bool = False,
+              param_dtype: torch.dtype | None = None) -> Plan:
+    """``param_dtype``: plan the graph the model computes with its floating-point parameters in
+    that dtype (``capture.params_as``; the parameters themselves stay as they are): every tensor
+    the graph derives from them, and so every activation and collective the cost model prices,
+    has that dtype.
+
+    ``dp_sharded=True``: FSDP2 will shard the parameters again over another mesh dim, so no
     placement it cannot describe (``PassContext.dp_sharded``; ``autotp.parallelize`` on the "tp"
     dim of a larger mesh).  ``carried_state``: {output index: input index} (positions among the flattened tensor outputs
     and user inputs) for outputs that are the next value of an input, e.g. a KV cache
@@ -439,7 +445,7 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
         raise AutoTPError(f"world_size must be >= 1, got {world_size}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic)
+    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic, param_dtype=param_dtype)
     aliases: dict[str, list[str]] = collections.defaultdict(list)
     by_id = {}
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -10,7 +10,8 @@
 * Mesh (dp, tp): autotp splits the matrices over "tp", ``fully_shard`` per layer over "dp".
 * ``--dtype bf16``: the model itself in bf16 (weights, gradients and AdamW state; no fp32 master
   copy), planned in bf16, so every collective moves bf16.  ``--dtype fp32``: everything fp32.
-  ``--dtype bf16-mixed`` (dp > 1): planned in bf16, fp32 master weights and AdamW state, FSDP2's
+  ``--dtype bf16-mixed`` (dp > 1): the model in fp32 (master weights and AdamW state),
+  ``parallelize(..., param_dtype=torch.bfloat16)`` plans the bf16 forward, and FSDP2's
   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` casts each layer's gathered
   weights to bf16 and reduces gradients in fp32 (torchtitan's way).  The plan must be made in
   bf16: the captured graph keeps the dtype casts it was traced with (RMSNorm's ``.to(input_dtype)``);
@@ -43,7 +44,9 @@ from torch.distributed.fsdp import fully_shard
 
 import autotp
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}   # the compute dtype
+# --dtype -> (the parameters' dtype: master weights, gradients, AdamW state; the forward's)
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+          "bf16-mixed": (torch.float32, torch.bfloat16)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,16 +101,15 @@ def make_mesh(dp: int, tp: int | None):
     return init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def shard_model(model, mesh, example_ids, checkpoint_dir=None, activation_checkpointing=None, mp_policy=None,
-                master_dtype=None):
+def shard_model(model, mesh, example_ids, checkpoint_dir=None, activation_checkpointing=None, mp_policy=None):
     """autotp over "tp" (logits left vocab-split), the checkpoint's slices, then FSDP2 over "dp":
-    one unit per decoder layer and the root (embedding, final norm, head)."""
+    one unit per decoder layer and the root (embedding, final norm, head).  With ``mp_policy``
+    the plan is made in the policy's ``param_dtype``, the dtype FSDP2 feeds the forward."""
     pmodel = autotp.parallelize(model, (example_ids,), mesh=mesh, sharded_outputs=True,
-                                activation_checkpointing=activation_checkpointing)
+                                activation_checkpointing=activation_checkpointing,
+                                param_dtype=None if mp_policy is None else mp_policy.param_dtype)
     if checkpoint_dir is not None:
         autotp.load_checkpoint(pmodel, checkpoint_dir, allow_dtype_cast=True)
-    if master_dtype is not None:
-        pmodel.to(master_dtype)
     if mesh["dp"].size() > 1:
         kw = {} if mp_policy is None else {"mp_policy": mp_policy}
         for layer in pmodel.blocks():
@@ -116,9 +118,10 @@ def shard_model(model, mesh, example_ids, checkpoint_dir=None, activation_checkp
     return pmodel
 
 
-def mixed_precision():
+def mixed_precision(param_dtype: torch.dtype):
+    """FSDP2 casts each unit's gathered weights to ``param_dtype`` and reduce-scatters in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
 def load_tokens(data: str | None, vocab_size: int, seed: int, synthetic_tokens: int = 1 << 14) -> torch.Tensor:
@@ -227,17 +230,17 @@ def train(args) -> dict[int, float]:
     """Run the recipe; returns {step: loss} for the steps this run made (1-based, as printed)."""
     mesh = make_mesh(args.dp, args.tp)
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
-    dtype = DTYPES[args.dtype]
+    dtype, compute_dtype = DTYPES[args.dtype]
     model, checkpoint_dir = build_model(args.model, dtype, args.seed)
     tokens = load_tokens(args.data, model.config.vocab_size, args.seed)
     device = mesh.device_type
     example = global_batch(tokens, 0, args.batch, args.seq, args.seed)[:, :-1]
-    mixed = args.dtype == "bf16-mixed"
+    mixed = compute_dtype != dtype
     if mixed and dp == 1:
         raise SystemExit("--dtype bf16-mixed needs FSDP2, --dp > 1; use --dtype bf16 on one dp rank")
     pmodel = shard_model(model, mesh, example.to(device), checkpoint_dir,
                          None if args.activation_checkpointing == "none" else args.activation_checkpointing,
-                         mp_policy=mixed_precision() if mixed else None, master_dtype=torch.float32 if mixed else None)
+                         mp_policy=mixed_precision(compute_dtype) if mixed else None)
     optimizer = make_optimizer(pmodel.parameters(), args)
     done = resume_checkpoint(args.ckpt_dir, pmodel, optimizer) if args.resume and args.ckpt_dir else 0
     last = min(args.steps, args.stop_after or args.steps)

@@ -4,26 +4,33 @@
   tp 2.  The captured graph runs its ATen ops under autocast as eager code does (matmuls and
   attention in bf16, the norms' explicit fp32 upcasts as traced), so 3 AdamW steps give the
   losses of the same model on one device under the same autocast, within bf16's rounding.
-* FSDP2 mixed precision on (dp 2 x tp 2): ``MixedPrecisionPolicy(param_dtype=bf16,
-  reduce_dtype=fp32)``, fp32 master weights, planned in bf16 (docs/fsdp2.md, 'Mixed precision').
-  3 AdamW steps give the losses of one device training fp32 master weights with a bf16 forward
-  (the parameters cast to bf16 in the forward, as the policy does).
-* A plan made in fp32 under that policy raises an AutoTPError naming the way out, instead of
-  torch's "expected m1 and m2 to have the same dtype" deep in the first layer.
+* FSDP2 mixed precision on (dp 2 x tp 2): the fp32 model planned with ``parallelize(...,
+  param_dtype=bf16)``, then ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` per
+  layer (docs/fsdp2.md, 'Mixed precision').  3 AdamW steps give the losses of one device training
+  fp32 master weights with a bf16 forward (the parameters cast to bf16 in the forward, as the
+  policy does), and every collective of the forward moves bf16: autotp's over tp (recorded by a
+  dispatch mode, as many as the plan lists) and FSDP2's all-gathers over dp.
+* A plan made in fp32 under that policy, and a bf16 plan over fp32 parameters without it, raise
+  an AutoTPError naming the way out, instead of torch's "expected m1 and m2 to have the same
+  dtype" deep in the first layer.
 * ``capture(..., param_dtype=bf16)`` (one process): the graph of the bf16 model over fp32 weights,
-  what ``parallelize(..., param_dtype=)`` will plan from once make_plan passes it on.
+  what ``parallelize(..., param_dtype=)`` plans from.
 
 Tolerance: 2e-2 relative on each step's loss (bf16 keeps 8 bits of mantissa: 4e-3 per rounding).
 The autotp-vs-one-device difference must also be of the order of bf16's own error (one device in
 bf16 vs one device in fp32): a difference much larger than that would be autotp's, not bf16's.
 """
+import collections
 import copy
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers.models.llama.modeling_llama  # noqa: F401 — imported once here, not in each forked rank
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import autotp
 from models import build
@@ -59,7 +66,6 @@ def _train(forward, params, ids, autocast=False) -> list[float]:
 def _first_rank() -> bool:
     """The one-device references run on rank 0 only (2 cores shared by 4 ranks); every rank is
     compared with them."""
-    import torch.distributed as dist
     return dist.get_rank() == 0
 
 
@@ -99,26 +105,71 @@ def _one_device_mixed(model, ids) -> list[float]:
     return _train(forward, list(params.values()), ids)
 
 
-def _fsdp2_mixed(plan_dtype=torch.bfloat16):
-    """(dp 2 x tp 2): planned in ``plan_dtype``, fp32 master weights, FSDP2 per layer with the
-    bf16 MixedPrecisionPolicy; each dp rank its half of the batch."""
-    import torch.distributed as dist
+class _CollectiveDtypes(TorchDispatchMode):
+    """Counts the collectives dispatched inside it by (op, dtype of its first tensor, mesh dim):
+    autotp's are torch's functional collectives (``_c10d_functional``), FSDP2's are ``c10d`` ops.
+    Only records; every op runs as it would."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.dims = {mesh[d].get_group().group_name: d for d in mesh.mesh_dim_names}
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("_c10d_functional", "c10d") and not func._opname.startswith("wait"):
+            leaves = pytree.tree_leaves((args, kwargs))
+            tensor = next(a for a in leaves if isinstance(a, torch.Tensor))
+            dim = next((self.dims[n] for n in map(_group_name, leaves) if n in self.dims), "?")
+            self.seen[(f"{func.namespace}.{func._opname}", tensor.dtype, dim)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _group_name(arg) -> str | None:
+    """The process group an argument names: a functional collective's ``group_name`` string, or a
+    c10d op's ProcessGroup."""
+    if isinstance(arg, str):
+        return arg
+    if isinstance(arg, torch.ScriptObject):        # a ProcessGroup or a ReduceOp, boxed for the dispatcher
+        try:
+            return dist.ProcessGroup.unbox(arg).group_name
+        except (RuntimeError, TypeError):
+            return None
+    return None
+
+
+def _first_forward_error(pmodel, ids) -> str | None:
+    try:
+        pmodel(ids)
+    except autotp.AutoTPError as e:
+        return str(e)
+    return None
+
+
+def _fsdp2_mixed(param_dtype=torch.bfloat16):
+    """(dp 2 x tp 2): the fp32 model planned with ``param_dtype`` (None: in fp32), FSDP2 per layer
+    with the bf16 MixedPrecisionPolicy over the fp32 master weights; each dp rank its half of the
+    batch."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh, model, ids = _setup()
-    model.to(torch.bfloat16).to(torch.float32)       # the weights the recipe starts from: bf16-rounded
     fp32_ref, mixed_ref, bf16_ref = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model).to(torch.bfloat16)
     dp = mesh["dp"].get_local_rank()
     mine = ids[dp * BATCH:(dp + 1) * BATCH]
-    pmodel = autotp.parallelize(model.to(plan_dtype), (mine,), mesh=mesh)
-    pmodel.to(torch.float32)                         # master weights, gradients and AdamW state in fp32
+    pmodel = autotp.parallelize(model, (mine,), mesh=mesh, param_dtype=param_dtype)
+    out = {"without_policy": _first_forward_error(pmodel, mine) if param_dtype is not None else None}
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in pmodel.blocks():
         fully_shard(layer, mesh=mesh["dp"], mp_policy=policy)
     fully_shard(pmodel, mesh=mesh["dp"], mp_policy=policy)
-    losses = torch.tensor(_train(lambda x: pmodel(x).logits, pmodel.parameters(), mine))
+    comm = _CollectiveDtypes(mesh)
+
+    def forward(x):
+        with comm:
+            return pmodel(x).logits
+    losses = torch.tensor(_train(forward, pmodel.parameters(), mine))
     dist.all_reduce(losses, group=mesh["dp"].get_group())      # equal halves: the mean is the whole batch's
-    out = {"losses": (losses / DP).tolist(), "param_dtype": next(pmodel.parameters()).dtype}
-    if _first_rank() and plan_dtype == torch.bfloat16:
+    out |= {"losses": (losses / DP).tolist(), "param_dtype": next(pmodel.parameters()).dtype,
+            "forward_collectives": dict(comm.seen), "planned_per_forward": sum(pmodel.plan.counts()["forward"].values())}
+    if _first_rank():
         out["mixed_reference"] = _one_device_mixed(mixed_ref, ids)
         out["bf16_reference"] = _train(lambda x: bf16_ref(x).logits, bf16_ref.parameters(), ids)
         out["fp32_reference"] = _train(lambda x: fp32_ref(x).logits, fp32_ref.parameters(), ids)
@@ -127,7 +178,7 @@ def _fsdp2_mixed(plan_dtype=torch.bfloat16):
 
 def _fp32_plan_under_policy():
     try:
-        _fsdp2_mixed(plan_dtype=torch.float32)
+        _fsdp2_mixed(param_dtype=None)
     except autotp.AutoTPError as e:
         return {"message": str(e)}
     return {"message": None}
@@ -174,6 +225,32 @@ def test_fsdp2_mixed_precision_policy_trains_like_one_device(results):
               f"one device mixed vs fp32 {bf16_error:.1e}")
         assert vs_mixed <= TOL and vs_bf16 <= TOL, (rank, vs_mixed, vs_bf16)
         assert bf16_error > 0 and vs_mixed <= 3 * bf16_error, (rank, vs_mixed, bf16_error)
+
+
+def test_fsdp2_mixed_precision_collectives_move_bf16(results):
+    """Collectives run in the activation dtype: in the forward of the fp32 model planned with
+    ``param_dtype=bf16`` under the bf16 policy, every collective autotp inserted (over tp) moves
+    bf16, and it ran as many times as the plan lists per forward; FSDP2's all-gathers over dp
+    move the bf16 casts of the weights."""
+    for rank, r in enumerate(case(results, "fsdp2_mixed")):
+        seen = r["forward_collectives"]
+        print(f"rank {rank} forward collectives over {STEPS} steps: "
+              + ", ".join(f"{n} x {op} {str(dtype).replace('torch.', '')} over {dim}"
+                          for (op, dtype, dim), n in sorted(seen.items(), key=str)))
+        tp = {k: n for k, n in seen.items() if k[2] == "tp"}
+        assert tp and all(op.startswith("_c10d_functional.") for op, _, _ in tp), seen
+        assert sum(tp.values()) == STEPS * r["planned_per_forward"], (seen, r["planned_per_forward"])
+        assert {dtype for _, dtype, _ in seen} == {torch.bfloat16}, seen
+        assert {dim for _, _, dim in seen} == {"tp", "dp"}, seen
+
+
+def test_bf16_plan_without_the_policy_names_it(results):
+    """``param_dtype=bf16`` over fp32 parameters that nothing casts (no fully_shard yet): the
+    first forward says to apply the policy."""
+    for message in (r["without_policy"] for r in case(results, "fsdp2_mixed")):
+        assert message is not None, "a plan made in bf16 ran on fp32 parameters"
+        assert "captured with torch.bfloat16" in message and "MixedPrecisionPolicy(param_dtype=torch.bfloat16)" \
+            in message, message
 
 
 def test_fp32_plan_under_bf16_policy_names_the_way_out(results):

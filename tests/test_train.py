@@ -8,10 +8,12 @@ global batches (``global_batch`` of the step: dp 2 x batch 2 rows), with torch's
 
 * fp32, 20 steps: the loss curve equals the reference's.
 * stopped at step 10 (DCP checkpoint), resumed: steps 11-20 equal the uninterrupted run's.
-* bf16 (the model in bf16) and bf16-mixed (planned in bf16, fp32 master weights, FSDP2's
-  MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)), 3 steps each: within bf16's
-  rounding of the bf16 reference, and the same distance from the fp32 reference as one device's
-  bf16 run is: the error is bf16's, not autotp's.
+* bf16 (the model in bf16) and bf16-mixed (fp32 master weights, ``parallelize(...,
+  param_dtype=bf16)``, FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)), 3 steps
+  each: within bf16's rounding of the bf16 reference, and the same distance from the fp32
+  reference as one device's bf16 run is: the error is bf16's, not autotp's.
+* Tokenised files: the bf16 run reads its corpus from a .npy of token ids, the bf16-mixed run
+  from a .bin of uint16 ids (nanoGPT's format), and each reference from the same file.
 """
 import os
 import sys
@@ -19,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,7 +65,7 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _cases(ckpt_dir):
+def _cases(ckpt_dir, data):
     def fp32():
         args = recipe.parse_args(ARGS)
         losses, s = _timed(lambda: recipe.train(args))
@@ -76,19 +79,30 @@ def _cases(ckpt_dir):
         return {"stopped": stopped, "rest": rest, "saved": sorted(os.listdir(ckpt_dir))}
 
     def bf16(dtype):
-        args = recipe.parse_args(ARGS + ["--steps", str(BF16_STEPS), "--dtype", dtype])
+        args = recipe.parse_args(ARGS + ["--steps", str(BF16_STEPS), "--dtype", dtype, "--data", data[dtype]])
         losses = recipe.train(args)
-        return {"losses": [losses[i + 1] for i in range(BF16_STEPS)],
+        return {"losses": [losses[i + 1] for i in range(BF16_STEPS)], "data": args.data,
                 "bf16_reference": _reference(args, BF16_STEPS, torch.bfloat16),
                 "fp32_reference": _reference(args, BF16_STEPS, torch.float32)}
 
     return {"fp32": fp32, "resumed": resumed, "bf16": lambda: bf16("bf16"), "bf16_mixed": lambda: bf16("bf16-mixed")}
 
 
+def _token_files(tmp: str) -> dict[str, str]:
+    """A corpus other than the synthetic default (another seed's bigram chain, 4096 tokens), as
+    the .npy and the .bin (uint16) ``--data`` reads: --dtype -> path."""
+    ids = recipe.load_tokens(None, 128, seed=7, synthetic_tokens=4096).numpy()       # llama-tiny: vocab 128
+    npy, bin_ = os.path.join(tmp, "tokens.npy"), os.path.join(tmp, "tokens.bin")
+    np.save(npy, ids.astype(np.int32))
+    ids.astype(np.uint16).tofile(bin_)
+    return {"bf16": npy, "bf16-mixed": bin_}
+
+
 @pytest.fixture(scope="module")
 def results():
     with tempfile.TemporaryDirectory() as tmp:
-        return run_cases(lambda: _cases(os.path.join(tmp, "ckpt")), DP * TP)
+        data = _token_files(tmp)
+        return run_cases(lambda: _cases(os.path.join(tmp, "ckpt"), data), DP * TP)
 
 
 def _rel(got, want) -> float:
@@ -127,3 +141,14 @@ def test_bf16_matches_one_device_bf16(results, dtype):
               f"vs fp32 {vs_fp32:.1e} (one-device bf16 vs fp32: {one_device:.1e})")
         assert vs_bf16 <= 2e-2, (rank, vs_bf16)
         assert vs_fp32 <= 2e-2, (rank, vs_fp32)
+
+
+def test_bf16_runs_trained_on_the_token_files(results, tmp_path):
+    """The bf16 runs above trained with ``--data``, and what it loads is the file's ids (.npy as
+    saved, .bin as uint16), not the synthetic default."""
+    want = recipe.load_tokens(None, 128, seed=7, synthetic_tokens=4096)
+    assert not torch.equal(recipe.load_tokens(None, 128, seed=0)[:len(want)], want)
+    for dtype, path in _token_files(str(tmp_path)).items():
+        assert torch.equal(recipe.load_tokens(path, 128, seed=0), want), path
+        for r in case(results, dtype.replace("-", "_")):
+            assert os.path.basename(r["data"]) == os.path.basename(path), r["data"]
