@@ -103,6 +103,16 @@ def _zoo() -> dict:
     z[aten.repeat_interleave.self_int] = [((h, 2, 1), {}), ((h3, 2, 2), {"output_size": 12}),
                                           ((x, 2), {})]
     z[aten.repeat_interleave.self_Tensor] = [((x, torch.tensor([1, 2] * 4), 1), {})]
+    # repeat: counts of 1 (a shard stays), > 1 (S(d) -> S(d)xr), new leading dims, a (1, 1, d) probe per batch row
+    z[aten.repeat.default] = [((x3, [1, 3, 1]), {}), ((h3, [1, 1, 2, 1]), {}), ((_g(8, 48), [2, 1, 1]), {}),
+                              ((_g(1, 1, 48), [12, 1, 1]), {}), ((qkv, [1, 1, 1]), {})]
+    swin = _g(2, 12, 12, 48)                              # (B, H, W, C), padded to whole windows
+    z[aten.constant_pad_nd.default] = [((swin, [0, 0, 0, 1, 0, 1]), {}), ((x3, [2, 2], 1.5), {}),
+                                       ((x, [0, 0, 1, -2]), {})]
+    z[aten.pad.default] = [((swin, [0, 0, 0, 2, 0, 2]), {}), ((x, [0, 2], "constant", 0.5), {}),
+                           ((x3, [1, 1], "reflect"), {}), ((x3, [0, 0, 1, 1], "replicate"), {}),
+                           ((x3, [2, 1], "circular"), {})]
+    z[aten.roll.default] = [((swin, [-2, -2], [1, 2]), {}), ((x, [3], [-1]), {}), ((x3, [5]), {})]
     # contractions
     z[aten.linear.default] = [((x, w), {}), ((x3, w3), {}), ((x, w, _g(32)), {})]
     z[aten.mm.default] = [((_g(16, 64), _g(64, 24)), {})]
@@ -126,6 +136,11 @@ def _zoo() -> dict:
     z[aten.topk.default] = [((x, 4, -1), {}), ((x3, 2, 1), {})]
     z[aten.sort.default] = [((x, -1), {}), ((x3, 1), {})]
     z[aten.sort.stable] = [((x,), {"stable": True, "dim": 1})]
+    # adaptive average pooling: (B, C, L) as Swin's pooler, (B, C, H, W), unbatched (C, H, W), (B, C, D, H, W)
+    z[aten.adaptive_avg_pool1d.default] = [((x3.transpose(1, 2), [1]), {}), ((x, [16]), {})]
+    z[aten.adaptive_avg_pool2d.default] = z[aten._adaptive_avg_pool2d.default] = [
+        ((_g(2, 48, 8, 8), [1, 1]), {}), ((_g(2, 12, 6, 6), [4, 3]), {}), ((_g(12, 8, 8), [2, 2]), {})]
+    z[aten.adaptive_avg_pool3d.default] = z[aten._adaptive_avg_pool3d.default] = [((_g(2, 12, 4, 4, 4), [2, 1, 3]), {})]
     z[aten.layer_norm.default] = [((x, [64], _g(64), _g(64), 1e-5), {}), ((x3, [48]), {})]
     z[aten.rms_norm.default] = [((x, [64], _g(64), 1e-6), {}), ((h3, [8]), {})]
     z[aten.cross_entropy_loss.default] = z[aten.nll_loss_nd.default] = [((logits, target), {})]

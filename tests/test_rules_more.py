@@ -201,3 +201,114 @@ def test_unflatten_blocks_are_strided_factors():
     gm = torch.export.export(_Fn(lambda t: t.unflatten(-1, (3, 16))[..., 0, :]), (torch.randn(2, 48),),
                              strict=False).module()
     assert 3 in split_factors(gm)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_repeat_keeps_count_one_dims_and_strides_repeated_ones(world):
+    """``repeat(x, counts)``: a count of 1 keeps the shard; ``r`` copies of a rank's block are its
+    block of each copy, ``S(d)xr`` (never a contiguous ``S(d)``); a leading new dim shifts the rest."""
+    x = torch.randn(4, 8, 16)
+    got = _outputs(check_rule(lambda t: t.repeat(1, 3, 1), [x], aten.repeat.default, [S(1), S(2), S(1, 2), P], world))
+    assert {((S(2),), S(2)), ((S(1),), S(1, 3)), ((P,), P)} <= got
+    assert ((S(1, 2),), S(1, 6)) in got                             # a fused dim of 2 blocks, 3 copies: 6 blocks
+    assert ((S(1),), S(1)) not in got
+    got = _outputs(check_rule(lambda t: t.repeat(2, 1, 1, 1), [x], aten.repeat.default, [S(0), S(2)], world))
+    assert {((S(0),), S(1)), ((S(2),), S(3))} <= got
+    from autotp.conformance import check_rule as conformance       # the contiguous claim is false
+    from autotp.passes.rules import Strategy, replicate_strategy
+    wrong = conformance(aten.repeat.default, [((x, [1, 3, 1]), {})], world,
+                        rule=lambda node, ctx: [replicate_strategy(node), Strategy((S(1),), S(1))])
+    assert len(wrong.failures) == 1
+
+
+def test_repeat_of_a_replicated_probe_per_batch_row():
+    """SigLIP's pooling head repeats a (1, 1, d) probe per batch row: the hidden shard stays, and a
+    replicated probe may be repeated straight into a batch shard (each rank makes its rows' copies).
+    A count that is the symbolic batch gives no shard on that dim (its factor would vary)."""
+    probe = torch.randn(1, 1, 16)
+    got = _outputs(check_rule(lambda t: t.repeat(4, 1, 1), [probe], aten.repeat.default, [S(2), R], 2))
+    assert {((S(2),), S(2)), ((R,), S(0))} <= got
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.probe = torch.nn.Parameter(torch.randn(1, 1, 16))
+
+        def forward(self, h):
+            return self.probe.repeat(h.shape[0], 1, 1) + h
+
+    batch = torch.export.Dim("batch", min=2)
+    gm = torch.export.export(Head(), (torch.randn(4, 1, 16),), dynamic_shapes=({0: batch},), strict=False).module()
+    node = next(n for n in gm.graph.nodes if n.target == aten.repeat.default)
+    x = node.args[0]
+    outs = {s.output for s in find_rule(aten.repeat.default)(node, RuleContext(2, (), {x: {R, S(0), S(2)}}))}
+    assert S(2) in outs and not any(is_shard(p) and p.dim == 0 for p in outs)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_pad_keeps_the_dims_it_does_not_pad(world):
+    """Swin pads (B, H, W, C) to whole windows: H and W must be whole, B and C keep their shards.
+    Zeros pad a partial sum's terms to the padded sum; a nonzero constant would be added N times."""
+    x = torch.randn(4, 8, 8, 16)
+    got = _outputs(check_rule(lambda t: torch.nn.functional.pad(t, (0, 0, 0, 2, 0, 2)), [x], aten.pad.default,
+                              [S(0), S(1), S(2), S(3), P], world))
+    assert {((S(3),), S(3)), ((P,), P)} <= got
+    assert not any(ins[0] in (S(1), S(2)) for ins, _ in got)
+    got = _outputs(check_rule(lambda t: torch.nn.functional.pad(t, (1, 1), value=0.5), [x], aten.pad.default,
+                              [S(2), P], world))
+    assert ((S(2),), S(2)) in got and not any(ins == (P,) for ins, _ in got)
+    got = _outputs(check_rule(lambda t: torch.nn.functional.pad(t, (1, 1), mode="reflect"), [x[0]], aten.pad.default,
+                              [S(0), S(1), P], world))
+    assert {((S(0),), S(0)), ((P,), P)} <= got                   # copies of the input: linear
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_roll_keeps_the_dims_it_does_not_roll(world):
+    x = torch.randn(4, 8, 8, 16)
+    got = _outputs(check_rule(lambda t: torch.roll(t, (-2, -2), (1, 2)), [x], aten.roll.default,
+                              [S(0), S(1), S(3), P], world))
+    assert {((S(0),), S(0)), ((S(3),), S(3)), ((P,), P)} <= got and ((S(1),), S(1)) not in got
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_adaptive_avg_pool_keeps_batch_and_channels(world):
+    """Swin's pooler: (B, C, L) -> (B, C, 1); the pooled dims whole, the leading ones keep shards."""
+    x = torch.randn(2, 16, 12)
+    got = _outputs(check_rule(lambda t: torch.nn.functional.adaptive_avg_pool1d(t, 1), [x],
+                              aten.adaptive_avg_pool1d.default, [S(1), S(2), P], world))
+    assert {((S(1),), S(1)), ((P,), P)} <= got and not any(ins == (S(2),) for ins, _ in got)
+    x = torch.randn(4, 16, 8, 8)
+    got = _outputs(check_rule(lambda t: torch.nn.functional.adaptive_avg_pool2d(t, (2, 2)), [x],
+                              aten.adaptive_avg_pool2d.default, [S(0), S(1), S(2), S(3), P], world))
+    assert {((S(0),), S(0)), ((S(1),), S(1)), ((P,), P)} <= got
+    assert not any(ins[0] in (S(2), S(3)) for ins, _ in got)
+
+
+def _vision_plan(model):
+    import autotp
+    return autotp.make_plan(model.eval(), (torch.randn(2, 3, 32, 32),), world_size=2)
+
+
+def test_siglip_probe_repeat_is_planned_sharded():
+    """SigLIP's pooling head (plan only): its probe repeat had no rule and ran replicated; the probe
+    now stays split on the hidden dim through the repeat, and the head gathers less."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    plan = _vision_plan(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)))
+    assert not any("aten.repeat" in n for n in plan.notes)
+    repeat = next(n for n in plan.gm.graph.nodes if n.target == aten.repeat.default)
+    assert repeat.meta["autotp"]["placement"] == S(2)
+    gathers = [c for c in plan.collectives() if c.forward == "all_gather"]
+    assert len(gathers) == 2                     # 4 without the repeat rule
+
+
+def test_swin_pads_rolls_and_pooler_have_rules():
+    """Swin (plan only): window padding, the shifted windows' roll and the pooler no longer run
+    replicated for want of a rule."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    plan = _vision_plan(transformers.SwinModel(transformers.SwinConfig(
+        image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)))
+    missing = " ".join(n for n in plan.notes if "no sharding rule" in n)
+    assert all(op not in missing for op in ("aten.pad", "aten.roll", "adaptive_avg_pool1d"))

@@ -2,7 +2,8 @@
 
 A reduction over unsharded dims keeps the shard (renumbered); a *sum* over the sharded dim
 leaves a ``Partial`` sum.  Softmax, norms, cumsum, sort and top-k need their own dims whole
-(a log-softmax may keep its dim sharded: ``loss.py``).
+(a log-softmax may keep its dim sharded: ``loss.py``).  Adaptive average pooling is a mean over
+windows of its trailing dims: those stay whole, the leading (batch, channel) dims keep their shards.
 """
 from __future__ import annotations
 
@@ -113,4 +114,28 @@ def norm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     for p in ctx.candidates(node.args[0]):
         if is_shard(p) and p.dim % x.ndim < x.ndim - n_norm:
             strategies.append(Strategy((p,) + tuple(R for _ in ins[1:]), S(p.dim % x.ndim, split_factor(p))))
+    return dedupe(strategies)
+
+
+# adaptive average pooling: op -> how many trailing dims it pools
+_POOLED_DIMS = {aten.adaptive_avg_pool1d.default: 1, aten.adaptive_avg_pool2d.default: 2,
+                aten._adaptive_avg_pool2d.default: 2, aten.adaptive_avg_pool3d.default: 3,
+                aten._adaptive_avg_pool3d.default: 3}
+
+
+@register_rule(*_POOLED_DIMS)
+def adaptive_avg_pool_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``adaptive_avg_pool{1,2,3}d(x, output_size)``: each output entry is the mean of a window of the
+    pooled (last 1, 2 or 3) dims, whose bounds come from their full sizes: those dims stay whole, and
+    ``output_size`` is the same on every rank.  Every leading dim (batch, channels) keeps its shard.
+    A mean is linear: a partial sum stays one; a disjoint one (``D``) becomes a plain ``P`` (a window
+    may mix entries of several ranks)."""
+    x = val(node.args[0])
+    first_pooled = x.ndim - _POOLED_DIMS[node.target]
+    strategies = [replicate_strategy(node)]
+    for p in ctx.candidates(node.args[0]):
+        if p in (P, D) and x.is_floating_point():
+            strategies.append(Strategy((p,), P))
+        elif is_shard(p) and p.dim % x.ndim < first_pooled:
+            strategies.append(Strategy((p,), S(p.dim % x.ndim, split_factor(p))))
     return dedupe(strategies)

@@ -1,4 +1,4 @@
-"""View-like ops: reshape, transpose, expand, slice, split, cat, ...
+"""View-like ops: reshape, transpose, expand, slice, split, cat, repeat, pad, roll, ...
 
 The heart of head sharding: ``view(B, T, H*hd) -> (B, T, H, hd)`` carries ``Shard`` of the
 fused ``H*hd`` dim onto the ``H`` dim exactly when ``H`` divides by the world size.  The same
@@ -356,6 +356,78 @@ def repeat_interleave_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
         out.append(Strategy(s.inputs + (R,) * (per_row and len(s.inputs) == 1), s.output,
                             localize=_localize_repeat_interleave if is_shard(s.output) else None))
     return out
+
+
+def _localize_repeat(node: fx.Node, strategy: Strategy, lctx) -> None:
+    """A replicated input repeated into a shard: the sharded dim's count becomes the rank's share."""
+    counts = list(node.args[1])
+    counts[strategy.output.dim] //= lctx.world
+    node.args = (node.args[0], counts, *node.args[2:])
+
+
+@register_rule(aten.repeat.default)
+def repeat_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``repeat(x, counts)``: output dim ``k`` is ``counts[k]`` copies of input dim ``k - off`` laid end to
+    end (``off`` leading new dims when ``counts`` is longer than ``x.shape``).  A rank's ``S(d)`` block
+    of ``n`` rows, repeated ``r`` times, is its block of each of the ``r`` copies: ``S(d)xr`` (a fused dim
+    of ``r`` equal blocks; ``S(d)xf`` becomes ``S(d)x(f*r)``), so a count of 1 keeps the shard as it is and
+    the counts stay unchanged.  A count that varies at run time (the batch) would give a factor that
+    varies: that dim must be whole.  A replicated input may be repeated straight into ``S(k)`` when
+    ``counts[k]`` divides by N: each rank makes ``counts[k]/N`` copies (the count localized).  Copies are
+    linear and keep every element on the rank that held it: ``P`` and ``D`` pass."""
+    x = val(node.args[0])
+    counts = list(node.args[1])
+    off = len(counts) - x.ndim
+    strategies = []
+    for s in _remap(node.args[0], ctx, node, lambda d: d + off):
+        if not is_shard(s.output):
+            strategies.append(s)
+        elif isinstance(r := counts[s.output.dim], int) and r > 0:            # 0 copies: an empty dim
+            strategies.append(Strategy(s.inputs, S(s.output.dim, split_factor(s.output) * r)))
+    for k, r in enumerate(counts):
+        if isinstance(r, int) and r > 1 and r % ctx.world == 0:
+            strategies.append(Strategy((R,), S(k), localize=_localize_repeat))
+    return dedupe(strategies)
+
+
+def _padded_dims(node: fx.Node, ndim: int) -> set[int]:
+    """The dims a ``constant_pad_nd`` / ``pad`` call pads: ``pad`` holds (before, after) pairs from
+    the last dim backwards; a pair of zeros leaves its dim alone."""
+    pad = list(node.args[1])
+    return {ndim - 1 - i // 2 for i, amount in enumerate(pad) if not (isinstance(amount, int) and amount == 0)}
+
+
+def _pad_is_linear(node: fx.Node) -> bool:
+    """Whether padding a sum of tensors is the sum of the padded ones: the new entries are copies of
+    the input's (reflect, replicate, circular) or a constant 0."""
+    if node.target == aten.constant_pad_nd.default:
+        return arg(node, 2, "value", 0) == 0
+    return arg(node, 2, "mode", "constant") != "constant" or arg(node, 3, "value", None) in (None, 0)
+
+
+@register_rule(aten.constant_pad_nd.default, aten.pad.default)
+def pad_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``pad(x, pad, mode, value)``: each padded dim needs its whole extent (its edges move); every dim
+    it leaves alone keeps its shard, and the pad list is the same on every rank.  ``P``/``D`` pass
+    when the op is linear (``_pad_is_linear``): a constant 0 pads every term with zeros; a nonzero
+    value would be counted N times."""
+    x = val(node.args[0])
+    padded = _padded_dims(node, x.ndim)
+    linear = _pad_is_linear(node)
+    return [s for s in _remap(node.args[0], ctx, node, lambda d: None if d in padded else d)
+            if linear or s.inputs[0] not in (P, D)]
+
+
+@register_rule(aten.roll.default)
+def roll_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
+    """``roll(x, shifts, dims)``: a cyclic shift along each of ``dims`` (Swin's shifted windows); the
+    rolled dims must be whole, every other dim keeps its shard.  A permutation of the entries:
+    ``P`` and ``D`` pass.  Without ``dims`` the tensor is rolled flattened: no dim keeps a shard."""
+    x = val(node.args[0])
+    dims = arg(node, 2, "dims", [])
+    dims = [dims] if isinstance(dims, int) else dims
+    rolled = {d % x.ndim for d in dims} if dims else set(range(x.ndim))
+    return _remap(node.args[0], ctx, node, lambda d: None if d in rolled else d)
 
 
 # Ops that view, cast or copy a tensor without computing with it: a weight seen through them is still
