@@ -18,7 +18,7 @@ Where a rule lives:
 ``attention.py``   scaled_dot_product_attention (heads / batch split)
 ``moe.py``         grouped matmul over stacked expert weights
 ``indexing.py``    index_copy (a static KV cache's update)
-``tokens.py``      token-local strategies (``L``) for any op, added to its own rule's:
+``tokens.py``      token-local strategies (``L``), per op in their own table beside its rule's:
                    a MoE block routed on each rank's own tokens, experts reached by all-to-all
 ``grid.py``        strategies on the 2-D (EP x TP) view of the mesh, for any op: its own
                    rule asked once per mesh dim, paired — no rule handles ``Grid`` itself
@@ -65,29 +65,35 @@ RuleFn = Callable[[fx.Node, "RuleContext"], list[Strategy]]
 RULES: dict[object, RuleFn] = {}
 
 
-def register_rule(*ops) -> Callable[[RuleFn], RuleFn]:
+def register_rule(*ops, table: dict = RULES) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn`` as the sharding rule of each ATen ``OpOverload`` (or overload packet, or
-    a custom op's ``"namespace::name"`` string, for ops that may not be loaded yet)."""
+    a custom op's ``"namespace::name"`` string, for ops that may not be loaded yet) in ``table``
+    (``tokens.py`` fills its table of token-local rules the same way)."""
     def deco(fn: RuleFn) -> RuleFn:
         for op in ops:
-            RULES[op] = fn
+            table[op] = fn
         return fn
     return deco
 
 
-def find_rule(target) -> RuleFn | None:
-    if target in RULES:
-        return RULES[target]
+def find_rule(target, table: dict = RULES) -> RuleFn | None:
+    """``table``'s rule for ``target``: by overload, custom op name, overload packet, then, for an
+    op tagged pointwise, the table's ``torch.Tag.pointwise`` entry (``RULES``: the elementwise
+    rule, imported here since ``pointwise.py`` imports this module)."""
+    if target in table:
+        return table[target]
     name = target.name() if isinstance(target, torch._ops.OpOverload) else None
     if name is not None:                  # custom ops are registered by "namespace::name"
-        if name in RULES:
-            return RULES[name]
-        if name.split(".")[0] in RULES:
-            return RULES[name.split(".")[0]]
+        if name in table:
+            return table[name]
+        if name.split(".")[0] in table:
+            return table[name.split(".")[0]]
     packet = getattr(target, "overloadpacket", None)
-    if packet is not None and packet in RULES:
-        return RULES[packet]
+    if packet is not None and packet in table:
+        return table[packet]
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        if table is not RULES:
+            return table.get(torch.Tag.pointwise)
         from autotp.passes.rules.pointwise import pointwise_rule
         return pointwise_rule
     return None

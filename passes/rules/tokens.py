@@ -32,16 +32,21 @@ holds, tracking what the rows and values of each tensor are (``kind``):
 Anything else (a cumsum over tokens, a slice of the rows, positions used as values, mixing two
 sorts) has no token-local strategy, so the solver keeps the region replicated or sharded by the
 ordinary rules.  These strategies are offered only when the plan splits the sequence.
+
+Each rule is registered per op where it is defined (``register_token_rule``, into
+``TOKEN_RULES``) and found by ``find_rule`` as the op's sharding rule is, pointwise tag included.
 """
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
 from autotp.placement import P, R, S, X, ExpertRows, TokenLocal, is_shard, split_factor
-from autotp.passes.rules import RuleContext, arg, Strategy, dedupe, sym_val, tensor_inputs, val
+from autotp.passes.rules import RuleContext, arg, Strategy, dedupe, find_rule, register_rule, sym_val, \
+    tensor_inputs, val
 from autotp.passes.rules.moe import partition_key
 from autotp.passes.rules.pointwise import _EXTRA, _dim_map
 from autotp.passes.rules.reductions import _keepdim, _reduce_dims, along_dim, keeps_dim
@@ -51,46 +56,43 @@ aten = torch.ops.aten
 
 DATA = ("o", "s")                    # kinds whose values are data (positions kinds: sp, op, ip)
 
+# ops a position tensor may pass through unchanged (a copy, a cast): checked by ``_pointwise``
 _ROWWISE_POSITIONS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.alias.default,
                       aten.contiguous.default, aten.detach.default, aten.empty_like.default}
-_REDUCE = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default}
-_ALONG = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
-          aten.topk.default, aten.sort.default, aten.sort.stable, aten.argmax.default, aten.argmin.default}
-_MATMUL = {aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default}
+
+TokenRule = Callable[[fx.Node, RuleContext, frozenset], list[Strategy]]
+TOKEN_RULES: dict[object, TokenRule] = {}
+
+
+def register_token_rule(*ops, opens_region: bool = False):
+    """Register ``fn`` as the token-local rule of each op in ``TOKEN_RULES`` (``torch.Tag.pointwise``:
+    of every op tagged pointwise that has none of its own), as ``register_rule`` fills ``RULES``.
+
+    ``fn(node, ins, local, seq_syms)`` is asked only when an input can be token-local: ``ins``
+    are the node's tensor inputs, ``local[i]`` the ``L`` / ``X`` placements ``ins[i]`` can have.
+    A rule that makes ``L`` from inputs that are not (``opens_region``: the entry view from
+    ``S(seq)``, ``arange``'s positions) is asked for every node, as ``fn(node, ctx, seq_syms)``."""
+    def deco(fn):
+        register_rule(*ops, table=TOKEN_RULES)(fn if opens_region else _on_token_inputs(fn))
+        return fn
+    return deco
+
+
+def _on_token_inputs(fn) -> TokenRule:
+    def rule(node: fx.Node, ctx: RuleContext, seq_syms: frozenset) -> list[Strategy]:
+        ins = tensor_inputs(node)
+        local = [[p for p in ctx.candidates(a) if isinstance(p, (TokenLocal, ExpertRows))] for a in ins]
+        return fn(node, ins, local, seq_syms) if any(local) else []
+    return rule
 
 
 def token_strategies(node: fx.Node, ctx: RuleContext, seq_syms: frozenset) -> list[Strategy]:
-    """Extra strategies for ``node`` with token-local inputs or outputs (empty if none apply)."""
+    """Extra strategies for ``node`` with token-local inputs or outputs (empty if none apply):
+    its op's rule in ``TOKEN_RULES``."""
     if node.op != "call_function" or not seq_syms:
         return []
-    target = node.target
-    if target in (aten.arange.default, aten.arange.start):
-        return _arange(node, seq_syms)
-    ins = tensor_inputs(node)
-    local = [[p for p in ctx.candidates(a) if isinstance(p, (TokenLocal, ExpertRows))] for a in ins]
-    if target in RESHAPES:
-        return _views(node, ctx, seq_syms)
-    if not any(local):
-        return []
-    if target in (aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default):
-        return _split(node, local[0])
-    if target in (aten.slice.Tensor, aten.select.int):
-        return _slice(node, local[0])
-    if target in _MATMUL:
-        return _matmul(node, ins, local, seq_syms)
-    if target in _REDUCE:
-        return _reduce(node, local[0])
-    if target in _ALONG:
-        return _along(node, local[0])
-    if target == aten.histc.default and _fixed_range(node):   # counts: a sum over the tokens
-        return [Strategy((p,), P) for p in local[0] if isinstance(p, TokenLocal) and p.kind in DATA]
-    if target == aten.index.Tensor:
-        return _index(node, ins, local, seq_syms)
-    if target in (aten.index_put_.default, aten.index_put.default):
-        return _index_put(node, ins, local)
-    if target in (aten.floor_divide.default, aten.div.Tensor_mode) or _is_pointwise(target):
-        return _pointwise(node, ins, local, seq_syms)
-    return []
+    rule = find_rule(node.target, TOKEN_RULES)
+    return rule(node, ctx, seq_syms) if rule is not None else []
 
 
 def seq_symbols(size_names: dict) -> frozenset:
@@ -165,12 +167,9 @@ def sort_key(node: fx.Node, limit: int = 200) -> frozenset:
     return frozenset()
 
 
-def _is_pointwise(target) -> bool:
-    return target in _EXTRA or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
-
-
 # ---- views: the region's entry and exit, and views inside it ----
 
+@register_token_rule(*RESHAPES, opens_region=True)
 def _views(node: fx.Node, ctx: RuleContext, seq_syms) -> list[Strategy]:
     x, out = val(node.args[0]), val(node)
     sx, so = sym_val(node.args[0]), sym_val(node)
@@ -228,19 +227,21 @@ def _same_tokens(a, b) -> bool:
     return a[0][:n] == b[0][:n] and n > a[1]
 
 
-def _split(node: fx.Node, local) -> list[Strategy]:
+@register_token_rule(aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default)
+def _split(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     x = val(node.args[0])
     dim = split_dim(node) % x.ndim
     outs = val(node)
-    return [Strategy((p,), tuple(p for _ in outs)) for p in local if p.dim != dim]
+    return [Strategy((p,), tuple(p for _ in outs)) for p in local[0] if p.dim != dim]
 
 
-def _slice(node: fx.Node, local) -> list[Strategy]:
+@register_token_rule(aten.slice.Tensor, aten.select.int)
+def _slice(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     """A slice or select along another dim than the rows (a full-range slice of the rows too)."""
     x, out = val(node.args[0]), val(node)
     dim = arg(node, 1, "dim", 0) % x.ndim
     strategies = []
-    for p in local:
+    for p in local[0]:
         if not isinstance(p, TokenLocal):
             continue
         if p.dim != dim:
@@ -258,6 +259,7 @@ def _from_start(node: fx.Node) -> bool:
 
 # ---- row-wise compute ----
 
+@register_token_rule(aten.floor_divide.default, aten.div.Tensor_mode, *_EXTRA, torch.Tag.pointwise)
 def _pointwise(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     out = val(node)
     if not isinstance(out, torch.Tensor) or out.ndim == 0:
@@ -296,6 +298,14 @@ def _pointwise(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     return dedupe(strategies)
 
 
+@register_token_rule(aten.histc.default)
+def _histc(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
+    """Counts (``histc`` with a fixed range): a sum over the tokens."""
+    if not _fixed_range(node):
+        return []
+    return [Strategy((p,), P) for p in local[0] if isinstance(p, TokenLocal) and p.kind in DATA]
+
+
 def _fixed_range(node: fx.Node) -> bool:
     """``histc`` with its range given (``min < max``): with ``min == max`` it takes the range
     from the data, which differs between ranks' tokens."""
@@ -320,6 +330,7 @@ def _same_routing(nodes) -> bool:
     return len(keys) == 1 and len(next(iter(keys))) == 1
 
 
+@register_token_rule(aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default)
 def _matmul(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     """``x @ W`` with replicated, token-free weights: every row of x alone (the router)."""
     strategies = []
@@ -340,11 +351,12 @@ def _matmul(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     return strategies
 
 
-def _reduce(node: fx.Node, local) -> list[Strategy]:
+@register_token_rule(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default)
+def _reduce(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     x = val(node.args[0])
     dims, keep = _reduce_dims(node, x.ndim), _keepdim(node)
     strategies = []
-    for p in local:
+    for p in local[0]:
         if not isinstance(p, TokenLocal) or p.kind not in DATA:
             continue
         if p.dim in dims:
@@ -356,7 +368,10 @@ def _reduce(node: fx.Node, local) -> list[Strategy]:
     return strategies
 
 
-def _along(node: fx.Node, local) -> list[Strategy]:
+@register_token_rule(aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
+                     aten.topk.default, aten.sort.default, aten.sort.stable, aten.argmax.default,
+                     aten.argmin.default)
+def _along(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     """Softmax / top-k / sort along a dim: along another dim, every row alone; a sort along the
     rows themselves gives sorted rows and their positions."""
     x = val(node.args[0])
@@ -367,7 +382,7 @@ def _along(node: fx.Node, local) -> list[Strategy]:
     outs = val(node)
     keep = keeps_dim(node)
     strategies = []
-    for p in local:
+    for p in local[0]:
         if not isinstance(p, TokenLocal) or p.kind not in DATA:
             continue
         if p.dim != dim:
@@ -382,6 +397,7 @@ def _along(node: fx.Node, local) -> list[Strategy]:
 
 # ---- the permutation: sorted rows, their inverse ----
 
+@register_token_rule(aten.index.Tensor)
 def _index(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     src, indices = node.args[0], node.args[1]
     if len(indices) != 1 or not isinstance(indices[0], fx.Node) or len(ins) != 2:
@@ -431,7 +447,8 @@ def _sort_rows(idx: fx.Node):
     return None
 
 
-def _index_put(node: fx.Node, ins, local) -> list[Strategy]:
+@register_token_rule(aten.index_put_.default, aten.index_put.default)
+def _index_put(node: fx.Node, ins, local, seq_syms) -> list[Strategy]:
     """``base[perm] = arange(n)``: the inverse of the sort ``perm`` (every row written, since a
     sort's indices are a permutation)."""
     base, indices, values = node.args[0], node.args[1], node.args[2]
@@ -452,7 +469,8 @@ def _index_put(node: fx.Node, ins, local) -> list[Strategy]:
     return dedupe(strategies)
 
 
-def _arange(node: fx.Node, seq_syms) -> list[Strategy]:
+@register_token_rule(aten.arange.default, aten.arange.start, opens_region=True)
+def _arange(node: fx.Node, ctx: RuleContext, seq_syms) -> list[Strategy]:
     """``arange(n)`` over token rows: this rank's row positions, 0 .. n/N - 1."""
     args = node.args
     if node.target == aten.arange.start and args[0] != 0:
