@@ -33,16 +33,18 @@ __version__ = "0.1.0"
 def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, world_size: int,
          strict: bool = False, link="nvlink-h100", overrides: dict | None = None, training: bool = True,
          sharded_outputs: bool = False, sequence_parallel: bool = False, max_activation_bytes: float | None = None,
-         dump=None) -> Plan:
+         param_dtype: torch.dtype | None = None, dump=None) -> Plan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks, in this one process.
 
     Needs no process group and no weights: a model on the meta device plans the same way.
     ``overrides`` pins parameter placements by glob (``{"*.down_proj.weight": Replicate()}``);
     ``strict`` makes an op with no sharding rule an error instead of running replicated.
+    ``param_dtype``: plan as if the parameters were in that dtype (as ``parallelize``).
     """
     return make_plan(model, example_inputs, example_kwargs, world_size=world_size, strict=strict, link=link,
                      overrides=overrides, training=training, sharded_outputs=sharded_outputs,
-                     sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes, dump=dump)
+                     sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
+                     param_dtype=param_dtype, dump=dump)
 
 
 def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mesh=None,
@@ -50,7 +52,7 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
                 check_plan: bool = True, check_inputs: bool = False, sequence_parallel: bool = False,
                 max_activation_bytes: float | None = None, activation_checkpointing: str | None = None,
-                param_dtype: torch.dtype | None = None, dump=None) -> ParallelModule:
+                param_dtype: torch.dtype | None = None, plan: Plan | None = None, dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
@@ -84,15 +86,24 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     ``fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))`` to each of
     ``pmodel.blocks()`` and to ``pmodel`` (docs/fsdp2.md, "Mixed precision").  None: the
     parameters' own dtype.
+
+    ``plan``: a plan made beforehand (``autotp.plan`` with the same example and options, e.g.
+    once for a job on the meta device) instead of planning on every rank; it must be for this
+    mesh's size and this model's parameter names and shapes (checked).  The planning options
+    (``strict``, ``sharded_outputs``, ``sequence_parallel``, ...) are then the plan's own.
     """
     # a mesh with other dims (FSDP2 on "dp"): only placements FSDP2 describes (PassContext.dp_sharded)
     mesh = tp_mesh(mesh, timeout)
     dp_sharded = not _whole_mesh(mesh)
     rank0 = dist.get_rank() == 0
-    p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
-                  overrides=overrides, training=True, sharded_outputs=sharded_outputs,
-                  sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
-                  dump=dump if rank0 else False, dp_sharded=dp_sharded, param_dtype=param_dtype)
+    if plan is not None:
+        plan.check_fits(model, mesh.size(), dp_sharded)
+        p = plan
+    else:
+        p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
+                      overrides=overrides, training=True, sharded_outputs=sharded_outputs,
+                      sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
+                      dump=dump if rank0 else False, dp_sharded=dp_sharded, param_dtype=param_dtype)
     if check_plan and mesh.size() > 1:
         check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs, activation_checkpointing=activation_checkpointing)

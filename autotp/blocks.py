@@ -195,9 +195,9 @@ def _other_dtype(name: str, got: torch.dtype, planned: torch.dtype) -> AutoTPErr
     rotary table's ``cos.to(x.dtype)``) is a dtype constant in it, and export has merged a no-op
     ``x.to(float32)`` of the fp32 trace with ``x`` (Llama's residual reads the upcast copy)."""
     if got.itemsize < planned.itemsize:      # FSDP2's MixedPrecisionPolicy(param_dtype=bf16) on a plan made in fp32
-        way_out = (f"plan in the dtype the parameters have when the graph runs: call autotp.parallelize on the model "
-                   f"in {got} (model.to({got})), then pmodel.to({planned}) for {planned} master weights, then "
-                   f"fully_shard with the MixedPrecisionPolicy")
+        way_out = (f"plan in the dtype the parameters have when the graph runs: "
+                   f"autotp.parallelize(model, ..., param_dtype={got}) keeps the {planned} master weights and plans "
+                   f"the {got} forward, then fully_shard with the MixedPrecisionPolicy")
     else:
         way_out = (f"apply FSDP2's MixedPrecisionPolicy(param_dtype={planned}), which casts the parameters for the "
                    f"forward, or keep them in {planned} (pmodel.to({planned}))")

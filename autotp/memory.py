@@ -212,7 +212,7 @@ def simulate(plan, batch: int, seq: int, activation_checkpointing: str | None = 
         else:
             t = torch.zeros(shape, dtype=v.dtype, device="meta")
         env[node.name] = t
-        if v.is_floating_point():
+        if v.is_floating_point() and node.name in plan.captured.params:   # not an fp32 rotary buffer
             floats.add(v.dtype)
     float_dtype = max(floats, key=lambda d: d.itemsize) if floats else torch.float32
     block_numel: dict = {}

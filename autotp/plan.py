@@ -71,14 +71,34 @@ class Plan:
         self._snapshots = None
 
     # ---- reading the plan ----
-    @property
-    def placements(self) -> dict[str, Placement]:
-        out = {}
+    def _parameters(self):
+        """(parameter name, its placeholder) for every name a parameter is known by (tied ones too)."""
         for node in self.gm.graph.nodes:
             if node.op == "placeholder" and node.name in self.ctx.params:
                 for name in self.aliases.get(self.ctx.params[node.name], [self.ctx.params[node.name]]):
-                    out[name] = node.meta["autotp"]["placement"]
-        return out
+                    yield name, node
+
+    @property
+    def placements(self) -> dict[str, Placement]:
+        return {name: node.meta["autotp"]["placement"] for name, node in self._parameters()}
+
+    def check_fits(self, model: torch.nn.Module, world: int, dp_sharded: bool) -> None:
+        """A plan made beforehand fits ``model`` on ``world`` ranks, or a clear error: the same
+        parameter names and shapes, the same world size, and planned for the same kind of mesh."""
+        if world != self.world:
+            raise AutoTPError(f"the plan given to parallelize was made for {self.world} ranks, the mesh has {world}: "
+                              f"plan with autotp.plan(..., world_size={world})")
+        if dp_sharded != self.ctx.dp_sharded:
+            kind = {True: "the tp dim of a larger mesh (FSDP2)", False: "a tp-only mesh"}
+            raise AutoTPError(f"the plan given to parallelize was made for {kind[self.ctx.dp_sharded]}, this mesh is "
+                              f"{kind[dp_sharded]}: let parallelize plan (plan=None)")
+        want = {name: tuple(val(node).shape) for name, node in self._parameters()}
+        have = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+        if want != have:
+            diff = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
+            raise AutoTPError(f"the plan given to parallelize was made for another model: parameters "
+                              f"{', '.join(f'{n} (plan {want.get(n)}, model {have.get(n)})' for n in diff[:3])}"
+                              f"{' ...' if len(diff) > 3 else ''} differ; plan this model")
 
     def roles(self) -> dict[str, str]:
         """Parameter name -> column-parallel / row-parallel / vocab-parallel / expert-parallel /

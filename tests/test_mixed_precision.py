@@ -256,7 +256,7 @@ def test_bf16_plan_without_the_policy_names_it(results):
 def test_fp32_plan_under_bf16_policy_names_the_way_out(results):
     for rank, message in enumerate(r["message"] for r in case(results, "fp32_plan")):
         assert message is not None, "a plan made in fp32 ran under MixedPrecisionPolicy(param_dtype=bf16)"
-        assert "captured with torch.float32" in message and "model.to(torch.bfloat16)" in message, message
+        assert "captured with torch.float32" in message and "param_dtype=torch.bfloat16" in message, message
 
 
 def test_capture_in_the_param_dtype_keeps_the_model_fp32():
