@@ -84,30 +84,58 @@ def _counts(mode) -> dict:
     return {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items() if v}
 
 
-def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
+# parallelize's options that make the plan (a plan made beforehand carries them)
+_PLAN_OPTIONS = ("strict", "link", "overrides", "sharded_outputs", "sequence_parallel", "max_activation_bytes",
+                 "param_dtype")
+
+
+def _example(case: Case, seed: int):
+    """The case's model (seeded), example inputs and vocabulary size: the same in every process."""
+    torch.manual_seed(seed)
+    model = case.build()
+    vocab = None
+    if case.inputs is None:
+        vocab = case.vocab or getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+        ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(seed + 1))
+        return model, (ids,), {}, vocab
+    args, kwargs = case.inputs(case.batch, case.seq, seed + 1)
+    return model, args, kwargs, vocab
+
+
+def plan_case(case: Case, world: int, seed: int = 0):
+    """The case's plan, made once in this process (``autotp.plan``) for every rank to use; the
+    planning error's text when it cannot be made (each rank then plans and reports it)."""
+    import autotp
+    try:
+        model, args, kwargs, _ = _example(case, seed)
+        return autotp.plan(model, args, kwargs, world_size=world,
+                           **{k: v for k, v in case.kwargs.items() if k in _PLAN_OPTIONS})
+    except Exception:  # noqa: BLE001 — the ranks plan again and report it in their result
+        return None
+
+
+def run_case(case: Case, rank: int, world: int, seed: int = 0, plan=None) -> Result:
+    """``plan``: made beforehand by ``plan_case`` (None: this rank plans, as ``parallelize`` does)."""
     import autotp
     from torch.distributed.tensor.debug import CommDebugMode
     res = Result(case.name, world)
     torch.set_grad_enabled(True)          # whatever an earlier case left behind
     try:
-        torch.manual_seed(seed)
-        model = case.build()
+        model, args, kwargs, vocab = _example(case, seed)
         reference = copy.deepcopy(model)
         res.matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
         if case.inputs is None:
-            vocab = case.vocab or getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
-            ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(seed + 1))
-            args, kwargs = (ids,), {}
-            loss_of = lambda logits, aux: _loss(logits, ids, aux)  # noqa: E731
+            loss_of = lambda logits, aux: _loss(logits, args[0], aux)  # noqa: E731
         else:
-            args, kwargs = case.inputs(case.batch, case.seq, seed + 1)
             loss_of = lambda logits, aux: _probe_loss(logits) if aux is None else _probe_loss(logits) + aux  # noqa: E731
         ref_out = reference(*args, **kwargs)
         ref_logits, ref_aux = _logits(ref_out), _aux(ref_out)
         loss_of(ref_logits, ref_aux).backward()
         ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
 
-        pmodel = autotp.parallelize(model, args, kwargs, **case.kwargs)
+        given = {"plan": plan} if plan is not None else {k: v for k, v in case.kwargs.items() if k in _PLAN_OPTIONS}
+        others = {k: v for k, v in case.kwargs.items() if k not in _PLAN_OPTIONS}
+        pmodel = autotp.parallelize(model, args, kwargs, **given, **others)
         res.placements = {n: autotp.fmt(p) for n, p in pmodel.plan.placements.items()}
         res.summary = pmodel.plan.summary()
         with CommDebugMode() as fwd:
@@ -154,25 +182,33 @@ def run_case(case: Case, rank: int, world: int, seed: int = 0) -> Result:
     return res
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str, cases: list[Case], timeout_s: float) -> None:
+def _worker(rank: int, world: int, store_path: str, out_dir: str, cases: list[Case], timeout_s: float,
+            plans: list) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    results = [run_case(c, rank, world) for c in cases]
+    results = [run_case(c, rank, world, plan=p) for c, p in zip(cases, plans)]
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def verify(cases: list[Case], world_size: int, timeout_s: float = 120.0) -> list[list[Result]]:
-    """Run every case on ``world_size`` gloo processes; returns results[rank][case]."""
+def verify(cases: list[Case], world_size: int, timeout_s: float = 120.0, plan_once: bool = True) -> list[list[Result]]:
+    """Run every case on ``world_size`` gloo processes; returns results[rank][case].
+
+    ``plan_once``: plan each case here, once, and give every rank that plan
+    (``parallelize(..., plan=)``; forked processes inherit it) instead of every rank planning the
+    same thing — on a machine with fewer cores than ranks, planning is most of a case's time.
+    Whether ranks plan alike is ``check_same_plan``'s test, not this one's."""
+    start = os.environ.get("AUTOTP_START_METHOD", "fork")
+    plans = [plan_case(c, world_size) if plan_once and start == "fork" else None for c in cases]
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        mp.start_processes(_worker, args=(world_size, store, tmp, cases, timeout_s), nprocs=world_size,
-                           join=True, start_method=os.environ.get("AUTOTP_START_METHOD", "fork"))
+        mp.start_processes(_worker, args=(world_size, store, tmp, cases, timeout_s, plans), nprocs=world_size,
+                           join=True, start_method=start)
         out = []
         for r in range(world_size):
             with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
