@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+PLANS: dict = {}      # key -> a plan made in the parent before the ranks fork (``plan_ahead``)
+
 
 def _worker(rank, world, tmp, cases, timeout_s):
     torch.set_num_threads(1)
@@ -39,3 +41,18 @@ def case(results: list[dict], name: str) -> list:
     for rank, res in enumerate(results):
         assert not isinstance(res[name], str), f"rank {rank}:\n{res[name]}"
     return [res[name] for res in results]
+
+
+def plan_ahead(key, model, args, kwargs=None, *, world: int, **options) -> None:
+    """Plan ``model`` here, once, for the ranks ``run_cases`` forks next: each rank then passes
+    ``**planned(key)`` to ``autotp.parallelize`` instead of exporting and solving the same model
+    again (on CI's 2 cores, 4 ranks planning is most of a case's time).  ``options``: make_plan's
+    (``dp_sharded=True`` for the tp dim of an FSDP2 mesh).  Whether ranks plan alike is
+    ``check_same_plan``'s test (tests/test_moe.py), not these."""
+    from autotp.plan import make_plan
+    PLANS[key] = make_plan(model, args, kwargs, world_size=world, **options)
+
+
+def planned(key) -> dict:
+    """``parallelize``'s keyword for the plan ``plan_ahead(key, ...)`` made ({} if none)."""
+    return {"plan": PLANS[key]} if key in PLANS else {}

@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import autotp
-from ranks import case, run_cases
+from ranks import case, plan_ahead, planned, run_cases
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import model_sweep as zoo  # noqa: E402
@@ -91,19 +91,23 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
 
 
+def _example(name: str):
+    m = zoo.MODELS[name]
+    torch.manual_seed(0)
+    model = m.build(layers=LAYERS[name])
+    return (model, *m.inputs(2, 8, 1))
+
+
 def _run(name: str) -> dict:
     """One model on this rank: the output's and the worst gradient's error against one device
     (each relative to its own scale, at least 1e-3 of the largest gradient), the plan's forward
     collectives per layer, its notes, and this rank's share of the forward FLOPs without and
     with convolutions."""
-    m = zoo.MODELS[name]
-    torch.manual_seed(0)
-    model = m.build(layers=LAYERS[name])
+    model, args, kwargs = _example(name)
     reference = copy.deepcopy(model)
-    args, kwargs = m.inputs(2, 8, 1)
     want = _logits(reference(*args, **kwargs))
     _probe_loss(want).backward()
-    pmodel = autotp.parallelize(model, args, kwargs)
+    pmodel = autotp.parallelize(model, args, kwargs, **planned(name))
     got = _logits(pmodel(*args, **kwargs))
     _probe_loss(got).backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
@@ -129,6 +133,9 @@ def _cases():
 def results(request):
     if not MODELS:
         pytest.skip("none of transformers, torchtitan, litgpt, diffusers is installed")
+    for name in MODELS:
+        model, args, kwargs = _example(name)
+        plan_ahead(name, model, args, kwargs, world=request.param)
     return request.param, run_cases(_cases, request.param, timeout_s=300)
 
 

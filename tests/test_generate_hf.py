@@ -326,14 +326,19 @@ def _char_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
 
 
+def _n4_example():
+    torch.manual_seed(0)
+    model = build("llama", num_key_value_heads=4).eval()     # 4 kv heads: the cache splits at N = 4
+    return model, *_prompts(torch.Generator().manual_seed(1))
+
+
 def _n4_cases():
     import autotp
     from autotp.generation import generator
-    torch.manual_seed(0)
-    model = build("llama", num_key_value_heads=4).eval()     # 4 kv heads: the cache splits at N = 4
+    from ranks import planned
+    model, ids, mask = _n4_example()
     reference = copy.deepcopy(model)
-    ids, mask = _prompts(torch.Generator().manual_seed(1))
-    pmodel = autotp.parallelize(model, (ids,))
+    pmodel = autotp.parallelize(model, (ids,), **planned("n4"))
     gen = generator(pmodel)
 
     def equal(**kw):
@@ -404,7 +409,9 @@ def _n4_cases():
 
 @pytest.fixture(scope="module")
 def n4():
-    from ranks import run_cases
+    from ranks import plan_ahead, run_cases
+    model, ids, _ = _n4_example()
+    plan_ahead("n4", model, (ids,), world=WORLD4)
     return run_cases(_n4_cases, WORLD4, timeout_s=300)
 
 

@@ -22,7 +22,7 @@ import transformers.models.mistral.modeling_mistral  # noqa: F401
 import autotp
 from autotp.placement import Grid, R, S
 from models import build
-from ranks import case, run_cases
+from ranks import case, plan_ahead, planned, run_cases
 
 WORLD = 4
 TOL = 1e-5
@@ -81,11 +81,21 @@ def _step(pm, ref, ids):
             "forward": dict(forward), "k": autotp.fmt(pm.plan.placements["model.layers.0.self_attn.k_proj.weight"])}
 
 
-def _equivalence(family, **config):
+EQUIVALENCE = {"llama": ("llama", {}), "mistral": ("mistral", {"num_key_value_heads": 2}),
+               "mqa": ("llama", {"num_key_value_heads": 1}),
+               "heads6": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 48})}
+
+
+def _example(name):
+    family, config = EQUIVALENCE[name]
     torch.manual_seed(0)
     ref = build(family, **config)
-    ids = torch.randint(0, 90, (2, 8), generator=torch.Generator().manual_seed(1))
-    return _step(autotp.parallelize(copy.deepcopy(ref), (ids,)), ref, ids)
+    return ref, torch.randint(0, 90, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def _equivalence(name):
+    ref, ids = _example(name)
+    return _step(autotp.parallelize(copy.deepcopy(ref), (ids,), **planned(name)), ref, ids)
 
 
 def _generate_and_load(tmp):
@@ -110,10 +120,7 @@ def _generate_and_load(tmp):
 
 def _cases(tmp):
     def cases():
-        return {"llama": lambda: _equivalence("llama"),
-                "mistral": lambda: _equivalence("mistral", num_key_value_heads=2),
-                "mqa": lambda: _equivalence("llama", num_key_value_heads=1),
-                "heads6": lambda: _equivalence("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=48),
+        return {**{name: (lambda n=name: _equivalence(n)) for name in EQUIVALENCE},
                 "generate_load": lambda: _generate_and_load(tmp)}
     return cases
 
@@ -123,6 +130,9 @@ def results():
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         build("llama").save_pretrained(os.path.join(tmp, "ckpt"))
+        for name in EQUIVALENCE:
+            ref, ids = _example(name)
+            plan_ahead(name, ref, (ids,), world=WORLD)
         yield run_cases(_cases(tmp), WORLD)
 
 

@@ -27,6 +27,7 @@ import autotp
 from autotp.loss import REDUCTIONS, vocab_parallel_nll
 from autotp.placement import S, local_chunk
 from models import build
+from ranks import plan_ahead, planned
 
 BATCH, SEQ = 2, 8
 # vocab much larger than hidden, so a collective of the logits' size stands out
@@ -77,16 +78,21 @@ def _grad_err(reference, pmodel) -> float:
     return worst
 
 
+def _in_graph_example(world):
+    torch.manual_seed(0)
+    model = build("llama", **CONFIGS[world])
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    # labels a tensor of their own: export would take the same tensor object twice as one input
+    return model, (ids,), {"labels": ids.clone()}
+
+
 def _in_graph(world):
     """The model's own loss (labels=) on the vocab-sharded logits, and the helper on them."""
     import copy
-    torch.manual_seed(0)
-    model = build("llama", **CONFIGS[world])
+    model, (ids,), kwargs = _in_graph_example(world)
     vocab = model.config.vocab_size
     reference = copy.deepcopy(model)
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    # labels a tensor of their own: export would take the same tensor object twice as one input
-    pmodel = autotp.parallelize(model, (ids,), {"labels": ids.clone()}, sharded_outputs=True)
+    pmodel = autotp.parallelize(model, (ids,), kwargs, sharded_outputs=True, **planned("in_graph"))
     out = {"plan_shapes": [c.shape for c in pmodel.plan.collectives()],
            "plan_kinds": [c.kind for c in pmodel.plan.collectives()],
            "logits_placement": str(pmodel(ids, labels=ids).logits.placements)}
@@ -204,6 +210,7 @@ def _worker(rank, world, tmp):
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"N{n}")
 def results(request):
     world = request.param
+    plan_ahead("in_graph", *_in_graph_example(world), world=world, sharded_outputs=True)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(world, tmp), nprocs=world, start_method="fork")
         return world, [pickle.load(open(os.path.join(tmp, f"{r}.pkl"), "rb")) for r in range(world)]
