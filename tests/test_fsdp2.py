@@ -21,6 +21,7 @@ import transformers.models.llama.modeling_llama  # noqa: F401 — imported once 
 
 import autotp
 from models import build
+from ranks import plan_ahead, planned
 
 DP, TP = 2, 2
 BATCH, SEQ = 2, 8            # per dp rank
@@ -49,16 +50,32 @@ def _setup(layers=LAYERS, hf_flag=False, checkpointing=None, sequence_parallel=F
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
     dp = mesh["dp"].get_local_rank()
+    model, ids = _llama(layers, hf_flag)
+    reference = copy.deepcopy(model)
+    mine = ids[dp * BATCH:(dp + 1) * BATCH]          # this dp rank's batch; the same on both tp ranks
+    pmodel = autotp.parallelize(model, (mine,), mesh=mesh, activation_checkpointing=checkpointing,
+                                sequence_parallel=sequence_parallel,
+                                **planned(("llama", layers, hf_flag, sequence_parallel)))
+    return mesh, reference, pmodel, ids, mine
+
+
+def _llama(layers=LAYERS, hf_flag=False):
+    """The model (HF's checkpointing flag on if ``hf_flag``) and every dp rank's ids."""
     torch.manual_seed(0)
     model = build("llama", num_hidden_layers=layers)
-    reference = copy.deepcopy(model)
-    ids = torch.randint(0, model.config.vocab_size, (DP * BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    mine = ids[dp * BATCH:(dp + 1) * BATCH]          # this dp rank's batch; the same on both tp ranks
     if hf_flag:
         model.gradient_checkpointing_enable()
-    pmodel = autotp.parallelize(model, (mine,), mesh=mesh, activation_checkpointing=checkpointing,
-                                sequence_parallel=sequence_parallel)
-    return mesh, reference, pmodel, ids, mine
+    return model, torch.randint(0, model.config.vocab_size, (DP * BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _plan_ahead():
+    """The plans the ranks would each make (the tp dim of a (dp, tp) mesh: dp_sharded)."""
+    for hf_flag, sp in ((False, False), (True, False), (False, True)):
+        model, ids = _llama(hf_flag=hf_flag)
+        plan_ahead(("llama", LAYERS, hf_flag, sp), model, (ids[:BATCH],), world=TP, dp_sharded=True,
+                   sequence_parallel=sp)
+    torch.manual_seed(0)
+    plan_ahead("gpt2", build("gpt2"), (torch.randint(0, 128, (BATCH, SEQ)),), world=TP, dp_sharded=True)
 
 
 def _gathered_layers(blocks) -> int:
@@ -153,7 +170,7 @@ def _strided_checkpoint_round_trip(tmp):
         torch.manual_seed(seed)
         model = build("gpt2")
         reference = copy.deepcopy(model)
-        pmodel = autotp.parallelize(model, (mine,), mesh=mesh)
+        pmodel = autotp.parallelize(model, (mine,), mesh=mesh, **planned("gpt2"))
         for layer in pmodel.blocks():
             fully_shard(layer, mesh=mesh["dp"])
         fully_shard(pmodel, mesh=mesh["dp"])
@@ -217,6 +234,7 @@ def _worker(rank, world, tmp):
 @pytest.fixture(scope="module")
 def results():
     world = DP * TP
+    _plan_ahead()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(world, tmp), nprocs=world, start_method="fork")
         return [pickle.load(open(os.path.join(tmp, f"{r}.pkl"), "rb")) for r in range(world)]
