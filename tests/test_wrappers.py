@@ -82,3 +82,33 @@ def test_a_users_wrapper_is_seen_through(results):
     for r in case(results, "holder"):
         assert r["err"] <= 1e-5, r
         assert r["cache_on_again"] is True          # the model's own setting is back after capture
+
+
+def test_lora_adapters_keep_the_base_layers_split_at_real_proportions():
+    """At a real model's proportions (hidden 1024, rank 8; meta device, plan only) an adapter is a
+    small weight next to its base: under a column-parallel base, A replicated and B split like
+    the base (both matmuls local, no collective); under a row-parallel base, A split like the
+    base (a partial sum) and B replicated, with one all-reduce of the rank-8 activation — the
+    layout of Megatron/NeMo's parallel LoRA adapters.  Each layer then runs Megatron's 2
+    all-reduces plus that one small one."""
+    import autotp
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=8,
+                      num_hidden_layers=2, vocab_size=4096)
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(cfg),
+                               LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0))
+    plan = autotp.plan(model, (torch.zeros(2, 8, dtype=torch.long, device="meta"),), world_size=4)
+    layer = "base_model.model.model.layers.1"
+    got = {n[len(layer) + 1:]: autotp.fmt(p) for n, p in plan.placements.items() if n.startswith(layer + ".")
+           and ("lora_" in n or "base_layer" in n)}
+    for proj in ("self_attn.q_proj", "self_attn.v_proj"):        # column-parallel base
+        assert got[f"{proj}.base_layer.weight"] == got[f"{proj}.lora_B.default.weight"] == "S(0)", got
+        assert got[f"{proj}.lora_A.default.weight"] == "R", got
+    assert got["mlp.down_proj.base_layer.weight"] == got["mlp.down_proj.lora_A.default.weight"] == "S(1)", got
+    assert got["mlp.down_proj.lora_B.default.weight"] == "R", got
+    per_layer = plan.counts()["per_layer_forward"]
+    assert per_layer[0] == per_layer[1] == {"all_reduce": 3}, per_layer
+    small = [c for c in plan.collectives() if c.kind == "all_reduce" and c.shape[-1] == 8]
+    assert len(small) == 2, [c.shape for c in plan.collectives()]      # one rank-8 all-reduce per layer
