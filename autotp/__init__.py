@@ -55,7 +55,9 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                 param_dtype: torch.dtype | None = None, plan: Plan | None = None, dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
-    DTensors in the plan's placement with ``sharded_outputs=True``); gradients land in the
+    DTensors in the plan's placement with ``sharded_outputs=True``: shards or replicated, never
+    partial sums, which the plan settles by the cheaper of a reduce-scatter to the last dim's
+    shard and an all-reduce); gradients land in the
     parameters, which are DTensors with their original names.
 
     The model's parameters are replaced in place by their shards.  Every rank must call this

@@ -247,10 +247,9 @@ def gathered(vocab, logits: torch.Tensor) -> torch.Tensor:
     p = vocab.placement
     if is_shard(p):
         return comm.all_gather(logits, shard_dim(p), split_factor(p), vocab.group, vocab.world, vocab.rank)
-    if vocab.exchange_kind == "all_reduce":
-        return comm.all_reduce(logits, vocab.group)
-    raise AutoTPError(f"the decode step's logits come out as {p}; autotp.generate gathers Shard, Partial or "
-                      f"Replicate logits only")
+    # the step is planned with sharded_outputs, whose outputs are never pending sums (solve.settle)
+    raise AutoTPError(f"the decode step's logits come out as {p}; autotp.generate gathers Shard or Replicate "
+                      f"logits only")
 
 
 # ---------------------------------------------------------------- preparation

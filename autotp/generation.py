@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from autotp.placement import Partial, R, fmt, is_shard, local_shape, normalize, shard_dim, split_factor
+from autotp.placement import R, fmt, is_shard, local_shape, normalize, shard_dim, split_factor
 from autotp.base import AutoTPError
 from autotp.program import adopt, check_same_plan, copy_graph_module, mesh_device, retarget_meta
 
@@ -347,9 +347,8 @@ class Generator:
             subs = {sym: batch if str(sym) == "batch" else 1 if str(sym) == "seq" else length
                     for sym in c.sym_bytes.free_symbols}
             moved += int(c.sym_bytes.subs(subs))
-        if self.vocab.sharded:
-            kind = self.vocab.exchange_kind
-            counts[kind] = counts.get(kind, 0) + 1
+        if self.vocab.sharded:                 # the (value, index) pairs or the gathered row
+            counts["all_gather"] = counts.get("all_gather", 0) + 1
             moved += self.vocab.exchange_bytes(batch, k)
         return counts, moved
 
@@ -403,7 +402,6 @@ class VocabLayout:
         self.contiguous = is_shard(placement) and shard_dim(placement) == 2 and split_factor(placement) == 1
         self.local = vocab // world if self.contiguous else vocab
         self.offset = rank * self.local if self.contiguous else 0
-        self.exchange_kind = "all_reduce" if isinstance(placement, Partial) else "all_gather"
 
     def exchange_bytes(self, batch: int, k: int) -> int:
         """Bytes of the (value, index) exchange: N x B x k pairs of float64 (or, when the

@@ -137,11 +137,11 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in list(graph.nodes):
         info = node.meta.get("autotp", {})
         if node.op == "output":
-            if ctx.sharded_outputs:
-                continue
+            settled = info.get("settled", {})        # sharded_outputs: pending sums settled (solve.settle)
             for i, t in enumerate(tensor_inputs(node)):
-                if _placement(t) not in (None, R) and i not in ctx.state_outputs:   # carried state stays put
-                    _replace_input(node, i, redistributed(t, R, node))
+                want = settled.get(t.name, _placement(t)) if ctx.sharded_outputs else R
+                if _placement(t) not in (None, want) and i not in ctx.state_outputs:   # carried state stays put
+                    _replace_input(node, i, redistributed(t, want, node))
             continue
         strategy = info.get("strategy")
         if strategy is None or node.op == "placeholder":

@@ -19,7 +19,9 @@ Constraints
     (f)        z[t] >= sum of y[v,k] over strategies k of consumer v that take t replicated
                while sharding something else (their gradient for t is a partial sum)
     (outputs)  graph outputs are R (unless ``sharded_outputs``), except carried state (a KV
-               cache, ``ctx.state_outputs``): X[out,q] = X[in,q], its input's placement, no move
+               cache, ``ctx.state_outputs``): X[out,q] = X[in,q], its input's placement, no move.
+               With ``sharded_outputs`` an output stays where it is, except that a pending sum
+               (P, D) is settled: one of R, its settled placements, or a shard of its last dim
 
 Objective: the fastest plan within a weight-memory budget, in levels
     1. memory:  M* = min sum_k y[w,k] * bytes(w) * frac(k) over weight matrices w (parameters
@@ -69,7 +71,7 @@ from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.attention import ATTENTION_OPS
 from autotp.passes.rules.views import RESHAPES, WEIGHT_VIEWS
-from autotp.placement import Grid, R, fmt, group_replicated, is_shard, local_shape, split_factor, splits
+from autotp.placement import D, P, S, Grid, R, can_shard, fmt, group_replicated, is_shard, local_shape, split_factor, splits
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
 _GRID_EPS = 3        # per Grid placement: among equal plans the 1-D ones first (EP x TP where neither pure form divides)
@@ -462,13 +464,34 @@ class _Problem:
     def outputs(self) -> None:
         out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
         carried = tie_state_outputs(self.lp, out_node, self.ctx, self.producer_options)
-        if not self.ctx.sharded_outputs:
-            for t in out_node.all_input_nodes:
-                if isinstance(val(t), torch.Tensor) and t not in carried:
-                    self.consume(t, {R: []}, [], fixed=True, i=t.name)   # outputs come back replicated
+        self.settled_outputs = {}
+        for t in out_node.all_input_nodes:
+            if not isinstance(val(t), torch.Tensor) or t in carried:
+                continue
+            if not self.ctx.sharded_outputs:
+                self.consume(t, {R: []}, [], fixed=True, i=t.name)       # outputs come back replicated
+                continue
+            have = self.producer_options(t) if t.meta.get("autotp", {}).get("strategies") else {}
+            if any(q in (P, D) for q in have):       # a pending sum is settled: kept where it is
+                self.settled_outputs[t] = self.settle(t, have)   # sharded, or summed into a shard
         for j, (ct, cost, act) in self.unit_cost.items():      # every tied layer pays its own collectives
             self.lp.cost_time[j] += cost * len(self.instances[ct])
             self.lp.cost_act[j] += act * len(self.instances[ct])
+
+    def settle(self, t: fx.Node, have: dict) -> dict:
+        """(outputs, ``sharded_outputs``) An output the plan may leave sharded must not come back as
+        a pending sum (P, D): a caller can use a shard (logits split by vocab for
+        ``autotp.cross_entropy`` or the decode step), not partial sums.  One choice among its
+        settled placements, R, and a shard of its last dim (a reduce-scatter from a sum):
+        placement -> its selector variable."""
+        v = val(t)
+        options = [q for q in have if q not in (P, D)] + [R]
+        if v.ndim and can_shard(v.shape[-1], 1, self.ctx.world):
+            options.append(S(v.ndim - 1))
+        choice = {q: self.lp.var(integral=False) for q in dict.fromkeys(options)}
+        self.lp.row({j: 1.0 for j in choice.values()}, 1.0, 1.0)
+        self.consume(t, {q: [j] for q, j in choice.items()}, [], i=t.name)
+        return choice
 
     # ---- the objective's levels
 
@@ -524,6 +547,9 @@ class _Problem:
             alias = n.meta.get("autotp", {}).get("alias_of")
             if alias is not None and "strategy" in alias[0].meta.get("autotp", {}):
                 n.meta["autotp"]["placement"] = alias[0].meta["autotp"]["strategy"].output[alias[1]]
+        out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
+        out_node.meta.setdefault("autotp", {})["settled"] = {     # by name: the graph is copied for rewriting
+            t.name: max(choice, key=lambda q: x[choice[q]]) for t, choice in self.settled_outputs.items()}
         for n in sorted(self.large, key=lambda n: n.name):
             if n.meta["autotp"]["placement"] == R and n not in self.tied and world > 1 \
                     and ctx.params[n.name] not in ctx.pins:

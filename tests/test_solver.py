@@ -52,6 +52,21 @@ def test_tied_embedding_is_one_parameter():
     assert not ({"lm_head.weight", "model.embed_tokens.weight"} <= set(names)), "tied weight captured twice"
 
 
+def test_sharded_outputs_are_never_partial_sums():
+    """``sharded_outputs``: an output stays where the plan computes it, but a partial sum is no
+    use to a caller (``autotp.cross_entropy`` and the decode step read vocab slices).  Qwen2's tied
+    embedding at the test sizes (hidden 64, vocab 128) is split by hidden, so its lm_head is
+    row-parallel and its logits partial sums: they come back as vocab slices, by a reduce-scatter
+    (half an all-reduce's bytes) or, cheaper still here, by splitting the tied weight by vocab."""
+    torch.manual_seed(0)
+    plan = autotp.plan(build("qwen2"), (torch.randint(0, 90, (2, 8)),), world_size=2, sharded_outputs=True)
+    out = next(n for n in plan.rewritten().graph.nodes if n.op == "output")
+    placements = [n.meta["autotp"]["placement"] for n in out.all_input_nodes]
+    assert placements and not any(p in (autotp.placement.P, autotp.placement.D) for p in placements), placements
+    assert placements[0] == autotp.Shard(2), placements                 # the logits: vocab slices
+    assert not any(c.forward == "all_reduce" and c.module == "lm_head" for c in plan.collectives())
+
+
 def test_logits_no_worse_than_all_gather():
     """lm_head: the plan's collectives on the logits cost no more than one all-gather of them."""
     plan = _plan("llama", 2)
