@@ -5,7 +5,9 @@ processes: each rank also plans a 1-rank tensor-parallel mesh for N = 1).
 
 One start of 2 processes runs those cases (CPU CI budget); one start of 4 (``run_cases``) runs the
 N = 4 cases: equality with the logits split by vocab, tie-breaking of the (value, index) exchange,
-``stop_strings``, the collectives of a decode step, and the step under ``torch.compile``."""
+``stop_strings``, the collectives of a decode step, and the step under ``torch.compile`` (Llama);
+left-padded greedy with two end tokens and with ``repetition_penalty`` (Qwen2, GPT-2, Mixtral and
+the sliding-window Mistral)."""
 import copy
 import datetime
 import os
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chi2
 
-from models import build
+from models import build, build_any
 
 WORLD = 2
 NEW = 6
@@ -332,6 +334,49 @@ def _n4_example():
     return model, *_prompts(torch.Generator().manual_seed(1))
 
 
+# The other families at N = 4: tests/models.py's configs, with what makes them split by 4 (heads,
+# kv heads so that the cache splits, vocab, experts), and one layer, as GPT-2 has at N = 1 and 2:
+# each rank plans the decode step of each family, most of a family's time on CI's 2 cores.
+N4_FAMILIES = {
+    # 4 heads, 4 kv heads, tied embeddings; at the default initializer_range (0.02) the tied random
+    # model repeats each row's last prompt token, which a broken cache would do too
+    "qwen2": dict(num_hidden_layers=1, initializer_range=0.2),
+    "gpt2": FAMILIES["gpt2"],                                 # as at N = 1 and 2: untied, one layer
+    "mixtral": dict(num_hidden_layers=1, num_key_value_heads=4),   # 4 experts, one a rank; top-2 routing
+    # sliding_window 4 < the 12 positions generated; 8 heads, 4 kv heads; vocab 128 (the config's 96
+    # is below the prompts' ids)
+    "mistral": dict(num_hidden_layers=1, vocab_size=128),
+}
+
+
+def _n4_family_example(name):
+    torch.manual_seed(0)
+    model = build_any(name, **N4_FAMILIES[name]).eval()
+    return model, *_prompts(torch.Generator().manual_seed(1))
+
+
+def _n4_family_greedy(name) -> dict:
+    """Left-padded greedy of one family at N = 4: plain, with two end tokens, and with
+    ``repetition_penalty``, each against the unsharded model's ``generate`` with the same kwargs."""
+    import autotp
+    from autotp.generation import generator
+    from ranks import planned
+    model, ids, mask = _n4_family_example(name)
+    reference = copy.deepcopy(model)
+    pmodel = autotp.parallelize(model, (ids,), **planned(f"n4/{name}"))
+
+    def equal(**kw):
+        kw = dict(do_sample=False, max_new_tokens=NEW, pad_token_id=1, **kw)
+        want = reference.generate(ids, attention_mask=mask, **kw)
+        return pmodel.generate(ids, attention_mask=mask, **kw).tolist(), want.tolist()
+
+    padded = equal()
+    # the tokens rows 0 and 1 emit at their steps 2 and 3 end those rows early
+    eos = [padded[1][0][ids.shape[1] + 1], padded[1][1][ids.shape[1] + 2]]
+    return dict(padded=padded, two_eos=equal(eos_token_id=eos), penalty=equal(repetition_penalty=1.5), eos=eos,
+                prompt=ids.shape[1], layout=str(generator(pmodel).vocab.placement))
+
+
 def _n4_cases():
     import autotp
     from autotp.generation import generator
@@ -404,7 +449,8 @@ def _n4_cases():
                               compile={"backend": "aot_eager"})
         return got.tolist(), equal(do_sample=False)[1]
 
-    return {"greedy": greedy, "stop_strings": stop_strings, "moved": moved, "ties": ties, "compiled": compiled}
+    return {"greedy": greedy, "stop_strings": stop_strings, "moved": moved, "ties": ties, "compiled": compiled,
+            **{f"greedy/{name}": (lambda n=name: _n4_family_greedy(n)) for name in N4_FAMILIES}}
 
 
 @pytest.fixture(scope="module")
@@ -412,6 +458,9 @@ def n4():
     from ranks import plan_ahead, run_cases
     model, ids, _ = _n4_example()
     plan_ahead("n4", model, (ids,), world=WORLD4)
+    for name in N4_FAMILIES:                                # each family's forward, planned once here
+        model, ids, _ = _n4_family_example(name)
+        plan_ahead(f"n4/{name}", model, (ids,), world=WORLD4)
     return run_cases(_n4_cases, WORLD4, timeout_s=300)
 
 
@@ -422,6 +471,28 @@ def test_n4_greedy_and_top_k_equal_hf_from_vocab_slices(n4):
         for key in ("padded", "two_eos", "penalty", "top_k"):
             got, want = r[key]
             assert got == want, f"rank {rank} {key}:\n{got}\n!= HF\n{want}"
+
+
+@pytest.mark.parametrize("name", list(N4_FAMILIES))
+def test_n4_greedy_with_padding_two_eos_and_penalty_equals_hf(n4, name):
+    from ranks import case
+    for rank, r in enumerate(case(n4, f"greedy/{name}")):
+        assert r["layout"] == "S(2)", r["layout"]            # the logits stay split by vocab
+        for key in ("padded", "two_eos", "penalty"):
+            got, want = r[key]
+            assert got == want, f"{name} rank {rank} {key}:\n{got}\n!= HF\n{want}"
+    r = case(n4, f"greedy/{name}")[0]
+    # the cases have teeth: both end tokens ended a row early, and the penalty changed the tokens
+    # (not GPT-2's: its one-layer greedy tokens do not repeat, as at N = 1 and 2)
+    assert _end_tokens(r["two_eos"][1], r["prompt"], r["eos"]) == set(r["eos"]), (r["two_eos"][1], r["eos"])
+    if name != "gpt2":
+        assert r["penalty"][1] != r["padded"][1]
+    if name == "mistral":                       # and the sliding window: without it the tokens differ
+        torch.manual_seed(0)
+        unwindowed = build_any(name, **N4_FAMILIES[name], sliding_window=None).eval()
+        ids, mask = _prompts(torch.Generator().manual_seed(1))
+        plain = unwindowed.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, pad_token_id=1)
+        assert plain.tolist() != r["padded"][1]
 
 
 def test_n4_ties_broken_as_argmax_and_top_k_on_the_full_row(n4):
