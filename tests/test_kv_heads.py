@@ -157,3 +157,56 @@ def test_heads_that_do_not_divide_say_why():
                      vocab_size=256)
     note = next(n for n in plan.notes if n.startswith("attention `"))
     assert "28 query heads do not divide by 8 ranks" in note and "model.layers.0.self_attn" in note, note
+
+
+def _fake_world_counts(tmp, world, config):
+    """One process standing for rank 0 of ``world`` (torch's fake process group: collectives are
+    counted, not run): a training step of the parallel model, its collectives counted by
+    CommDebugMode, and the plan's own counts."""
+    import pickle
+    import torch.distributed as dist
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    torch.manual_seed(0)
+    model = build("llama", **config)
+    ids = torch.randint(0, config["vocab_size"], (2, 8))
+    pm = autotp.parallelize(model, (ids,), check_plan=False)      # one process: nobody to compare plans with
+    with CommDebugMode() as fwd:
+        out = pm(ids).logits
+    with CommDebugMode() as bwd:
+        out.square().mean().backward()
+    count = lambda mode: {str(k).split(".")[-1].replace("_into_tensor", ""): v for k, v in mode.get_comm_counts().items()}  # noqa: E731
+    plan = pm.plan.counts()
+    with open(os.path.join(tmp, "counts.pkl"), "wb") as f:
+        pickle.dump({"forward": count(fwd), "backward": count(bwd), "plan_forward": dict(plan["forward"]),
+                     "plan_backward": dict(plan["backward"]),
+                     "per_layer": {k: dict(v) for k, v in plan["per_layer_forward"].items()},
+                     "k": autotp.fmt(pm.plan.placements["model.layers.0.self_attn.k_proj.weight"])}, f)
+    dist.destroy_process_group()
+
+
+def _fake_world(world, config):
+    import pickle
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:      # a process of its own: the fake group must not be this one's
+        mp.start_processes(lambda rank: _fake_world_counts(tmp, world, config), nprocs=1, start_method="fork")
+        with open(os.path.join(tmp, "counts.pkl"), "rb") as f:
+            return pickle.load(f)
+
+
+@pytest.mark.parametrize("world,config,kv,per_layer", [
+    # Llama-3-8B's 32 query / 8 kv heads at TP 16: kv heads replicated x2, Megatron's 2 all-reduces per layer
+    (16, dict(hidden_size=512, intermediate_size=1024, num_attention_heads=32, num_key_value_heads=8, vocab_size=256),
+     "S(0)·R@8", {"all_reduce": 2}),
+    # Qwen2.5-7B's 28 query / 4 kv heads at TP 8: heads do not divide, attention whole through gathers
+    (8, dict(hidden_size=448, intermediate_size=512, num_attention_heads=28, num_key_value_heads=4, vocab_size=256),
+     "S(0)", {"all_gather": 4, "all_reduce": 1}),
+], ids=["32q-8kv-N16", "28q-4kv-N8"])
+def test_collectives_at_eight_and_sixteen_ranks_are_the_plans(world, config, kv, per_layer):
+    """At N = 8 and 16 (one process, the fake process group: counts only, the values are gloo's
+    business at N <= 4 above), the step runs exactly the collectives the plan lists."""
+    r = _fake_world(world, config)
+    assert r["k"] == kv, r
+    assert r["forward"] == r["plan_forward"] and r["backward"] == r["plan_backward"], r
+    assert r["per_layer"][0] == r["per_layer"][1] == per_layer, r
