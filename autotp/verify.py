@@ -196,15 +196,19 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, cases: list[Ca
     dist.destroy_process_group()
 
 
-def verify(cases: list[Case], world_size: int, timeout_s: float = 120.0, plan_once: bool = True) -> list[list[Result]]:
+def verify(cases: list[Case], world_size: int, timeout_s: float = 120.0, plan_once: bool = True,
+           plans: list | None = None) -> list[list[Result]]:
     """Run every case on ``world_size`` gloo processes; returns results[rank][case].
 
     ``plan_once``: plan each case here, once, and give every rank that plan
     (``parallelize(..., plan=)``; forked processes inherit it) instead of every rank planning the
     same thing — on a machine with fewer cores than ranks, planning is most of a case's time.
-    Whether ranks plan alike is ``check_same_plan``'s test, not this one's."""
+    Whether ranks plan alike is ``check_same_plan``'s test, not this one's.  ``plans``: the
+    cases' plans when the caller has made them (``plan_case``), None entries planned here."""
     start = os.environ.get("AUTOTP_START_METHOD", "fork")
-    plans = [plan_case(c, world_size) if plan_once and start == "fork" else None for c in cases]
+    given = plans or [None] * len(cases)
+    plans = [p if p is not None else plan_case(c, world_size) if plan_once and start == "fork" else None
+             for c, p in zip(cases, given)]
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         mp.start_processes(_worker, args=(world_size, store, tmp, cases, timeout_s, plans), nprocs=world_size,
