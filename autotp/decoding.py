@@ -123,7 +123,7 @@ def _sample(gen, ids, mask, positions, config, processors, stopping, rng, stream
     want_logits = config.return_dict_in_generate and config.output_logits
     route, scale, top_k = _route(gen.vocab, processors, rng is not None, want_scores, want_logits or return_logits)
     scores, raw, step_logits = [], [], []
-    cache = gen.new_cache(batch, config.max_length)
+    run = gen.run(batch, config.max_length, compile_options)      # the cache and the weights, for this call
     # the whole cache's mask: the prompt's, then 1 for every generated token
     full_mask = torch.ones(batch, config.max_length, dtype=torch.long, device=ids.device)
     full_mask[:, :prompt] = mask
@@ -133,7 +133,7 @@ def _sample(gen, ids, mask, positions, config, processors, stopping, rng, stream
     tokens, start = ids, 0
     while True:
         pos = positions[:, start:] if positions is not None else None
-        logits, cache = gen.step(tokens, full_mask, pos, start, cache, compile_options)   # (B, 1, V/N) or (B, 1, V)
+        logits = run(tokens, full_mask, pos, start)               # (B, 1, V/N) or (B, 1, V)
         start += tokens.shape[1]
         if route == "argmax":
             nxt = sharded_argmax(gen.vocab, logits[:, -1].to(torch.float32))

@@ -19,8 +19,16 @@ How (see docs/generation.md):
 * **Same weights as the forward.**  The step is planned with every parameter pinned to the
   placement ``parallelize`` gave it, on a data-less twin of the model (``_twin``), and runs on
   the ``ParallelModule``'s own shards: generation adds no copy of any weight.
-* **In place at run time.**  The cache writes become ``index_copy_`` on this rank's cache
-  tensors (each is read by nothing else), so a decode step allocates no new cache.
+* **In place at run time, over the cache written so far.**  The cache writes become
+  ``index_copy_`` on this rank's cache tensors (nothing else reads their values), so a decode
+  step allocates no new cache; each step reads the first slots of the cache, those written so
+  far rounded up to 32 (``DecodeRun``), not all ``max_length`` of them.
+* **A step's fixed cost is the graph's own.**  At N = 1 a decode step is the model's ops and
+  nothing else, so its Python cost per op decides the speed against Hugging Face's
+  ``generate``: the eager step drops no-op nodes (``_drop_identities``), calls each op through
+  a bound global and attention without its custom-op layers (``_bound_forward``), looks the
+  weights up once per call and runs under ``torch.inference_mode`` (docs/generation.md,
+  *What a decode step costs*).
 * **The logits stay where the plan leaves them.**  The step is planned with ``sharded_outputs``:
   the last position's logits come out split by vocab (the forward's column-parallel ``lm_head``),
   not all-gathered.  ``autotp.decoding`` picks the token from the slices (a local argmax / top-k
@@ -237,8 +245,11 @@ class Generator:
         gm = _copy(self.plan.rewritten(rank, group))
         retarget_meta(gm, self.device)
         self.cache_placements = self._cache_inputs(gm)
-        _write_cache_in_place(gm, {n.name for n, _ in self.cache_placements})
+        _drop_identities(gm)
+        # every cache written in place: a step may then run on a prefix of the cache (DecodeRun)
+        self.in_place = _write_cache_in_place(gm, {n.name for n, _ in self.cache_placements})
         self.gm = gm
+        self._eager = _bound_forward(gm)
         self._feeds = self._input_feeds(gm)
         self.rank, self.group_name = rank, group
         self.vocab = self._vocab_layout(gm)
@@ -281,9 +292,12 @@ class Generator:
                 feeds.append(("user", cap.user_inputs.index(node.name)))
         return feeds
 
-    def _run(self, user: list, compile_options: dict | None = None) -> list:
-        inputs = []
-        for kind, what in self._feeds:
+    def _bound_inputs(self) -> tuple[list, list[tuple[int, int]]]:
+        """The step's inputs with this rank's weights, buffers and constants in place (looked up
+        once per ``generate`` call: ``to_local()`` of ~40 parameters cost ~0.1 ms a step) and
+        None where a user input goes; and [(input slot, index among the user inputs)]."""
+        inputs, slots = [], []
+        for i, (kind, what) in enumerate(self._feeds):
             if kind == "param":
                 inputs.append(getattr(*what).to_local())
             elif kind == "buffer":
@@ -291,14 +305,16 @@ class Generator:
             elif kind == "const":
                 inputs.append(what)
             else:
-                inputs.append(user[what])
-        return list(self._graph(compile_options)(*inputs))
+                inputs.append(None)
+                slots.append((i, what))
+        return inputs, slots
 
     def _graph(self, compile_options: dict | None):
-        """The rank-local step graph, or it under ``torch.compile(**compile_options)`` (compiled
-        once per set of options and kept: the prefill and the decode shapes are its two graphs)."""
+        """The rank-local step graph (eager: ``_bound_forward``), or it under
+        ``torch.compile(**compile_options)`` (compiled once per set of options and kept: the
+        prefill and the decode shapes are its two graphs)."""
         if compile_options is None:
-            return self.gm
+            return self._eager
         key = repr(sorted(compile_options.items()))
         if key not in self._compiled:
             self._compiled[key] = torch.compile(self.gm, **compile_options)
@@ -353,16 +369,9 @@ class Generator:
         return counts, moved
 
     # ---- generation
-    def step(self, input_ids, attention_mask, position_ids, start: int, cache: list,
-             compile_options: dict | None = None) -> tuple:
-        """One run of the decode step: ``input_ids`` (B, S) written at cache slots ``start ..
-        start + S - 1``; ``attention_mask`` (B, cache length); ``position_ids`` (B, S), or None
-        when the model takes none.  Returns (this rank's last logits (B, 1, V) in the placement
-        ``self.vocab`` describes (a vocab slice when split), the new cache)."""
-        positions = [position_ids] if self.takes_positions else []
-        logits, *cache = self._run([input_ids, attention_mask, *positions,
-                                    torch.tensor(start, device=self.device), *cache], compile_options)
-        return logits, cache
+    def run(self, batch: int, length: int, compile_options: dict | None = None) -> "DecodeRun":
+        """The steps of one ``generate`` call: ``batch`` sequences of up to ``length`` tokens."""
+        return DecodeRun(self, batch, length, compile_options)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, *args, **kwargs):
@@ -388,6 +397,58 @@ def generator(pmodel) -> Generator:
         gen = Generator(pmodel)
         object.__setattr__(pmodel, "_autotp_generator", gen)
     return gen
+
+
+class DecodeRun:
+    """One ``generate`` call's decode steps on this rank: the weights looked up once, the cache
+    for ``batch`` x ``length`` positions, and each step run on the first ``used`` slots of it:
+    the slots written so far rounded up to a multiple of ``BUCKET`` (at most ``length``).
+
+    Hugging Face's ``DynamicCache`` attends over the tokens so far; a static cache over all of
+    ``length``, masked.  The prefix is the static cache's slots ``0 .. used - 1``, a view, so
+    the in-place cache writes land in the whole cache; the mask is the whole mask's first
+    ``used`` columns, so the model's ``create_causal_mask`` builds the same rows, cut short,
+    and the slots past ``used`` (not yet written, hidden by causality) are simply not read.
+    Shapes change only every ``BUCKET`` tokens.  Every step takes the whole cache under
+    ``torch.compile`` (fixed shapes: two graphs, the prefill's and the decode step's, where
+    prefixes would add two more compiles, one for the first change of length and one when the
+    prefix becomes the whole, contiguous, cache), and where a cache write is not in place
+    (``Generator.in_place`` false; the next cache is then the step's output)."""
+
+    BUCKET = 32
+
+    def __init__(self, gen: Generator, batch: int, length: int, compile_options: dict | None = None):
+        self.gen, self.length = gen, length
+        self.cache = gen.new_cache(batch, length)                 # [(B, length, kv_heads/N, D)] per layer, k and v
+        self.inputs, self.slots = gen._bound_inputs()
+        self.forward = gen._graph(compile_options)
+        self.prefix = gen.in_place and compile_options is None
+
+    def used(self, end: int) -> int:
+        """Cache slots a step that writes up to slot ``end - 1`` reads."""
+        if not self.prefix:
+            return self.length
+        return min(self.length, -(-end // self.BUCKET) * self.BUCKET)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids, start: int) -> torch.Tensor:
+        """One step: ``input_ids`` (B, S) written at cache slots ``start .. start + S - 1``;
+        ``attention_mask`` (B, length) over the whole cache; ``position_ids`` (B, S), or None
+        when the model takes none.  Returns this rank's last logits (B, 1, V) in the placement
+        ``gen.vocab`` describes (a vocab slice when split)."""
+        used = self.used(start + input_ids.shape[1])
+        cache = self.cache if used == self.length else [c[:, :used] for c in self.cache]
+        positions = [position_ids] if self.gen.takes_positions else []
+        user = [input_ids, attention_mask[:, :used], *positions, torch.tensor(start, device=self.gen.device), *cache]
+        for slot, i in self.slots:
+            self.inputs[slot] = user[i]
+        # inference mode: no view or version bookkeeping on the step's ~300 ops (~10% of a small
+        # model's step); the logits come out as an inference tensor, which the loop only reads
+        # (and copies), and the cache, made outside, may be written in place inside
+        with torch.inference_mode():
+            logits, *written = self.forward(*self.inputs)
+        if not self.gen.in_place:
+            self.cache = written
+        return logits
 
 
 class VocabLayout:
@@ -428,17 +489,79 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy_graph_module(gm)
 
 
-def _write_cache_in_place(gm: fx.GraphModule, cache_inputs: set[str]) -> None:
-    """``index_copy(cache, ...)`` -> ``index_copy_(cache, ...)`` where the cache input is read by
-    nothing else: the step then writes this rank's cache tensors instead of copying them."""
-    changed = False
+def _write_cache_in_place(gm: fx.GraphModule, cache_inputs: set[str]) -> bool:
+    """``index_copy(cache, ...)`` -> ``index_copy_(cache, ...)`` where nothing else reads the
+    cache input's values (its shape may be read: ``sym_size``): the step then writes this
+    rank's cache tensors instead of copying them.  Whether every cache input is now written
+    in place.  (Export reads the length off every value cache, so before this allowed
+    ``sym_size`` readers only the keys were written in place and each step copied every
+    layer's values, ``B x length x kv_heads x head_dim`` apiece.)"""
+    written = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == aten.index_copy.default:
             src = node.args[0]
             if isinstance(src, fx.Node) and src.op == "placeholder" and src.name in cache_inputs \
-                    and len(src.users) == 1:
+                    and all(u is node or u.target == aten.sym_size.int for u in src.users):
                 node.target = aten.index_copy_.default
-                changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
+                written.add(src.name)
+    gm.graph.lint()
+    gm.recompile()
+    return written == cache_inputs
+
+
+def _drop_identities(gm: fx.GraphModule) -> None:
+    """Remove the nodes that return their input's values unchanged: ``to`` with the input's
+    dtype and device (no copy asked), ``mul`` by the Python scalar 1, and ``slice`` of a whole
+    dim.  A Hugging Face model casts to its own dtype around every norm and rotary embedding
+    (fp32 -> fp32), which export keeps; each costs a dispatch per step (~20 of ~300 nodes of a
+    4-layer Llama step).  Only the step's cache inputs are ever written in place, and those
+    only when nothing else reads them, so an alias in place of a copy is never overwritten."""
+    full = (0, None), (None, 2 ** 63 - 1)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        x, args, kw = node.args[0], node.args, node.kwargs
+        a, b = x.meta.get("val"), node.meta.get("val")
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dtype != b.dtype:
+            continue
+        if node.target in (aten.to.dtype, aten.to.dtype_layout, aten.to.device):
+            same = a.device == b.device and not kw.get("copy", False) and kw.get("memory_format") is None \
+                and not any(isinstance(v, bool) and v for v in args[1:])       # copy=True given positionally
+        elif node.target == aten.mul.Tensor:
+            same = len(args) == 2 and type(args[1]) in (int, float) and args[1] == 1 and not kw
+        elif node.target == aten.slice.Tensor:
+            start, end, step = (*args[2:5], *(None, None, 1)[len(args[2:5]):])     # slice's defaults
+            same = start in full[0] and end in full[1] and step == 1 and not kw
+        else:
+            continue
+        if same:
+            node.replace_all_uses_with(x)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _bound_forward(gm: fx.GraphModule):
+    """``gm.forward`` with every op a global bound to its C++ entry point (``OpOverload._op``,
+    what ``OpOverload.__call__`` calls), for eager decoding.  fx writes
+    ``torch.ops.aten.mul.Tensor(...)``: four attribute lookups and a Python frame per node, about
+    a microsecond that adds up to ~10% of a 4-layer Llama step (~280 nodes).  The code is fx's
+    own with those names replaced, so it runs the same ops in the same order; ``torch.compile``
+    gets ``gm`` itself.  ``autotp.attention`` is bound to the op's Python body: the same backend
+    choice (``attention_op.select_backend``, counted and logged) without the custom-op layers
+    around it (autograd, alias checks, dynamo's disable), which a step that never differentiates
+    does not need: 2-6% of a step of that Llama on CPU."""
+    from autotp.kernels import attention_op
+    body = getattr(attention_op.attention, "_init_fn", None)          # torch's CustomOpDef keeps it
+    entry = {torch.ops.autotp.attention.default: body} if body is not None else {}
+    code = gm.graph.python_code(root_module="self")
+    src, scope = code.src, dict(code.globals)
+    for node in gm.graph.nodes:
+        op = node.target
+        name = f"_{op.namespace}_{op.__name__.replace('.', '_')}" if isinstance(op, torch._ops.OpOverload) else ""
+        if node.op == "call_function" and name and name not in code.src:
+            scope[name] = entry.get(op, op._op)
+            src = src.replace(f"torch.ops.{op.namespace}.{op.__name__}(", f"{name}(")
+    exec(compile(src, "<autotp decode step>", "exec"), scope)
+    forward = scope["forward"]
+    return lambda *inputs: forward(gm, *inputs)
