@@ -471,7 +471,8 @@ class _Problem:
             if not self.ctx.sharded_outputs:
                 self.consume(t, {R: []}, [], fixed=True, i=t.name)       # outputs come back replicated
                 continue
-            have = self.producer_options(t) if t.meta.get("autotp", {}).get("strategies") else {}
+            info = t.meta.get("autotp", {})
+            have = self.producer_options(t) if info.get("strategies") or "alias_of" in info else {}   # as consume
             if any(q in (P, D) for q in have):       # a pending sum is settled: kept where it is
                 self.settled_outputs[t] = self.settle(t, have)   # sharded, or summed into a shard
         for j, (ct, cost, act) in self.unit_cost.items():      # every tied layer pays its own collectives
