@@ -60,7 +60,7 @@ import dataclasses
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from autotp.placement import S, join_pieces, local_slices
+from autotp.placement import S, blocks_to_rank_major, join_pieces, local_slices, rank_major_to_blocks
 
 _c10d = torch.ops._c10d_functional
 
@@ -83,7 +83,9 @@ def _ag(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
     """Gather shards along ``dim``: local (.., f*b, ..) per rank -> (.., f*N*b, ..)."""
     xm = x.movedim(dim, 0).contiguous()                       # (f*b, *rest)
     g = _wait(_c10d.all_gather_into_tensor(xm, n, _group_name(group)))  # (N*f*b, *rest), rank-major
-    if factor > 1:
+    if isinstance(factor, tuple):                             # unequal blocks (placement.Blocks)
+        g = rank_major_to_blocks(g, 0, factor, n)
+    elif factor > 1:
         rest = xm.shape[1:]
         b = xm.shape[0] // factor
         g = g.reshape(n, factor, b, *rest).transpose(0, 1).reshape(n * factor * b, *rest)
@@ -94,7 +96,9 @@ def _rs(x: torch.Tensor, dim: int, factor: int, group, n: int) -> torch.Tensor:
     """Reduce-scatter a full-size partial tensor along ``dim`` into this rank's shard."""
     xm = x.movedim(dim, 0)
     rest = xm.shape[1:]
-    if factor > 1:
+    if isinstance(factor, tuple):                             # unequal blocks (placement.Blocks)
+        xm = blocks_to_rank_major(xm, 0, factor, n)
+    elif factor > 1:
         b = xm.shape[0] // (factor * n)
         xm = xm.reshape(factor, n, b, *rest).transpose(0, 1).reshape(n * factor * b, *rest)
     out = _wait(_c10d.reduce_scatter_tensor(xm.contiguous(), "sum", n, _group_name(group)))

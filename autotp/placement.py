@@ -9,6 +9,20 @@ one of the ``f`` blocks.  A fused ``[q|k|v]`` projection sharded per head is ``_
 splitting it into three chunks gives three ordinary ``Shard(d)`` tensors.  ``Shard(d)`` is
 the same thing with ``f = 1``.  torch's DTensor uses the same semantics on a 1-D mesh, so a
 parameter placed this way is an ordinary DTensor and ``full_tensor()`` is right.
+
+``Blocks(d, sizes)`` (printed ``S(d)[24|8|8]``) is the same layout with *unequal* blocks: dim
+``d`` is the concatenation of blocks of ``sizes`` (a grouped-query ``[q|k|v]``: ``n_head*hd``,
+``n_kv*hd``, ``n_kv*hd``), each block is split evenly over the N ranks, and rank ``r`` holds
+``block_j[r*b_j/N:(r+1)*b_j/N]`` of every block, concatenated.  Cutting such a dim at block
+boundaries gives ordinary ``Shard(d)`` pieces (heads split), as Megatron's fused GQA projection
+does by hand.  It is offered only where every block divides by N.  Everywhere a placement has a
+strided *factor*, a ``Blocks`` has its tuple of sizes instead (``split_factor``), and ``S(d, f)``
+builds either from it: ``S(d, (24, 8, 8))`` is ``Blocks``, equal sizes fold to ``_StridedShard``,
+one block to ``Shard``.  ``Blocks`` subclasses torch's ``Shard`` and overrides the methods DTensor
+calls to cut and join (``_split_tensor``, ``_to_replicate_tensor``, the local size/offset helpers),
+so a parameter placed this way is a DTensor whose ``full_tensor()``, ``redistribute(..., [R])`` and
+``full_state_dict`` give the original tensor.  Not offered with FSDP2 (``dp_sharded``), like the
+strided shard: FSDP2 and torch.distributed.checkpoint cannot describe its pieces.
 """
 from __future__ import annotations
 
@@ -16,7 +30,7 @@ import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "D", "DisjointPartial", "TokenLocal", "L", "X",
-           "ExpertRows", "Grid", "grid", "group_replicated", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk", "local_slices", "join_pieces",
+           "ExpertRows", "Blocks", "Grid", "grid", "group_replicated", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk", "local_slices", "join_pieces",
            "normalize"]
 
 R = Replicate()
@@ -178,9 +192,116 @@ def group_replicated(p) -> bool:
     return isinstance(p, Grid) and is_shard(p.outer) and p.inner == R
 
 
-def S(dim: int, factor: int = 1) -> Placement:
-    """Shard on ``dim``; ``factor > 1`` gives the strided layout of a fused dimension."""
+class Blocks(_StridedShard):
+    """``S(d)[b0|b1|...]``: dim ``d`` is blocks of ``sizes``, each split evenly over the ranks;
+    a rank holds its piece of every block, concatenated (see the module docstring).
+
+    A subclass of torch's ``_StridedShard`` (the equal-block case) rather than of ``Shard``:
+    DTensor checks a ``Shard``'s pieces against ``Shard(d)`` (its shard order) and would reject
+    it, while it routes every ``_StridedShard`` through the methods overridden here (cut a full
+    tensor into pieces, join gathered pieces, a piece's size and indices), so a parameter with
+    this placement is an ordinary DTensor: ``full_tensor()`` and ``redistribute`` give the
+    original.  torch's ``split_factor`` field holds the block count.  One torch API cannot carry
+    it: ``distribute_tensor`` rebuilds a plain ``_StridedShard`` from that count (autotp makes
+    its parameters with ``DTensor.from_local``, which keeps the placement as given)."""
+
+    def __init__(self, dim: int, sizes):
+        super().__init__(dim, split_factor=len(sizes))
+        self.sizes = tuple(int(b) for b in sizes)
+
+    def __eq__(self, other):
+        return isinstance(other, Blocks) and self.dim == other.dim and self.sizes == other.sizes
+
+    def __hash__(self):
+        return hash(("Blocks", self.dim, self.sizes))
+
+    def __repr__(self):
+        return f"Blocks(dim={self.dim}, sizes={self.sizes})"
+
+    def __str__(self):
+        return fmt(self)
+
+    def __reduce__(self):
+        return (Blocks, (self.dim, self.sizes))
+
+    def __deepcopy__(self, memo):
+        return Blocks(self.dim, self.sizes)
+
+    def _split_tensor(self, tensor, num_chunks, *, with_padding=True, contiguous=True):
+        pieces = [local_chunk(tensor, self, r, num_chunks) for r in range(num_chunks)]
+        return pieces, ([0] * num_chunks if with_padding else [])
+
+    def _select_split_tensor(self, tensor, num_chunks, index, *, with_padding=True, contiguous=True, clone=True):
+        return local_chunk(tensor, self, index, num_chunks)
+
+    def _to_replicate_tensor(self, local_tensor, mesh, mesh_dim, current_logical_shape):
+        from torch.distributed._functional_collectives import all_gather_single
+        gathered = all_gather_single(local_tensor.contiguous(), gather_dim=self.dim, group=(mesh, mesh_dim))
+        return rank_major_to_blocks(gathered, self.dim, self.sizes, mesh.size(mesh_dim))
+
+    def _replicate_to_strided_shard(self, local_tensor, mesh, mesh_dim, shard_index):
+        return local_chunk(local_tensor, self, shard_index, mesh.size(mesh_dim))
+
+    def _local_shard_size_and_offset(self, curr_local_size, num_chunks, rank, offset_mode=None):
+        return self.local_shard_size_and_offset(curr_local_size, num_chunks, rank, offset_mode)
+
+    def local_shard_size_and_offset(self, curr_local_size, num_chunks, rank, offset_mode=None):
+        """The piece's size, and its indices along the dim (torch's ``ALL`` mode), the first of
+        them (``FIRST``, the default) or none (``NONE``)."""
+        from torch.distributed.tensor.placement_types import _StridedShardOffsetMode as Mode
+        size = int(curr_local_size) // num_chunks
+        mode = Mode.FIRST if offset_mode is None else offset_mode
+        if mode == Mode.NONE:
+            return size, None
+        ranges = local_slices((int(curr_local_size),), self, int(rank), num_chunks)
+        indices = [i for (s,) in ranges for i in range(s.start, s.stop)]
+        return size, (indices if mode == Mode.ALL else indices[0])
+
+
+def rank_major_to_blocks(t: torch.Tensor, dim: int, sizes, world: int) -> torch.Tensor:
+    """The ranks' pieces of a ``Blocks(dim, sizes)`` tensor concatenated in rank order along
+    ``dim`` (an all-gather's output) -> the full tensor: block ``j`` is every rank's ``j``-th
+    part, in rank order."""
+    k = len(sizes)
+    parts = torch.split(t, [b // world for b in sizes] * world, dim=dim)      # rank r, block j: parts[r*k + j]
+    return torch.cat([parts[r * k + j] for j in range(k) for r in range(world)], dim=dim)
+
+
+def blocks_to_rank_major(t: torch.Tensor, dim: int, sizes, world: int) -> torch.Tensor:
+    """The inverse of ``rank_major_to_blocks``: the full tensor with rank ``r``'s piece of every
+    block brought together, ranks in order (a reduce-scatter's input)."""
+    k = len(sizes)
+    parts = torch.split(t, [b // world for b in sizes for _ in range(world)], dim=dim)   # block j, rank r
+    return torch.cat([parts[j * world + r] for r in range(world) for j in range(k)], dim=dim)
+
+
+def S(dim: int, factor: int | tuple = 1) -> Placement:
+    """Shard on ``dim``; ``factor > 1`` gives the strided layout of a fused dimension (``f`` equal
+    blocks), a tuple of block sizes the layout of unequal ones (``Blocks``; equal sizes fold to
+    the strided shard, one block to ``Shard``)."""
+    if isinstance(factor, tuple):
+        if len(set(factor)) == 1:
+            factor = len(factor)
+        else:
+            return Blocks(dim, factor)
     return Shard(dim) if factor == 1 else _StridedShard(dim, split_factor=factor)
+
+
+def block_sizes(p: Placement, size: int) -> tuple[int, ...]:
+    """The sizes of the blocks a shard ``p`` of a dim of ``size`` consists of: ``Blocks``' own, ``f``
+    equal ones for a strided shard, the whole dim for ``Shard``."""
+    f = split_factor(p)
+    return f if isinstance(f, tuple) else (size // f,) * f
+
+
+def factor_key(f) -> tuple:
+    """A sort key over strided factors, ints and tuples of block sizes alike (ints first)."""
+    return (1, 0, f) if isinstance(f, tuple) else (0, f, ())
+
+
+def is_strided(p: Placement) -> bool:
+    """A shard whose rank piece is several blocks (``_StridedShard`` or ``Blocks``)."""
+    return split_factor(p) != 1
 
 
 def is_shard(p: Placement) -> bool:
@@ -196,7 +317,11 @@ def splits(p) -> bool:
     return is_shard(p) or isinstance(p, (TokenLocal, ExpertRows, Grid))
 
 
-def split_factor(p: Placement) -> int:
+def split_factor(p: Placement) -> int | tuple:
+    """The strided factor of a shard: ``f`` for ``_StridedShard``, the block sizes of ``Blocks``
+    (pass it to ``S`` to build the same layout on another dim), 1 otherwise."""
+    if isinstance(p, Blocks):
+        return p.sizes
     return p.split_factor if isinstance(p, _StridedShard) else 1
 
 
@@ -226,10 +351,14 @@ def fmt(p: Placement | tuple | None) -> str:
     if isinstance(p, Grid):
         return f"{fmt(p.outer)}·{fmt(p.inner)}@{p.groups}"
     f = split_factor(p)
+    if isinstance(f, tuple):
+        return f"S({p.dim})[" + "|".join(map(str, f)) + "]"
     return f"S({p.dim})" + (f"x{f}" if f > 1 else "")
 
 
-def can_shard(size: int, factor: int, world: int) -> bool:
+def can_shard(size: int, factor: int | tuple, world: int) -> bool:
+    if isinstance(factor, tuple):
+        return sum(factor) == size and all(b > 0 and b % world == 0 for b in factor)
     return size % (factor * world) == 0 and size > 0
 
 
@@ -265,11 +394,14 @@ def local_slices(shape, p: Placement, rank: int, world: int) -> list[tuple]:
         return out
     if not is_shard(p):
         return [full]
-    d, f = p.dim % len(shape), split_factor(p)
-    block = shape[d] // f
-    piece = block // world
-    return [tuple(slice(b * block + rank * piece, b * block + (rank + 1) * piece) if k == d else s
-                  for k, s in enumerate(full)) for b in range(f)]
+    d = p.dim % len(shape)
+    out, start = [], 0
+    for block in block_sizes(p, shape[d]):
+        piece = block // world
+        out.append(tuple(slice(start + rank * piece, start + (rank + 1) * piece) if k == d else s
+                         for k, s in enumerate(full)))
+        start += block
+    return out
 
 
 def join_pieces(pieces: list, slices: list[tuple]):

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from autotp.capture import Captured, capture, concrete
-from autotp.placement import D, R, P, X, Grid, Placement, fmt, group_replicated, is_shard, local_shape, split_factor
+from autotp.placement import D, R, P, X, Grid, Placement, fmt, group_replicated, is_shard, is_strided, local_shape, split_factor
 from autotp.passes import PLAN_PASSES, REWRITE_PASSES, PassContext, run_passes
 from autotp.base import AutoTPError, layer_index, module_path, user_line
 from autotp.passes.rules import tensor_inputs, val
@@ -337,7 +337,7 @@ class Plan:
                 if role != "replicated" and attr == "weight":
                     missing.append(f"{name}: {fmt(p)} ({role})")
                 continue
-            if split_factor(p) > 1:
+            if is_strided(p):
                 missing.append(f"{name}: {fmt(p)} is a per-block (fused) split; tp_plan styles cannot say it")
                 continue
             kind = {"column-parallel": "colwise", "row-parallel": "rowwise", "vocab-parallel": "rowwise"}.get(role)

@@ -17,7 +17,8 @@ from autotp.passes.rules import RuleContext, Strategy, dedupe, find_rule, replic
 from autotp.passes.rules.attention import kv_head_groups
 from autotp.passes.rules.grid import grid_strategies
 from autotp.passes.rules.tokens import seq_symbols, token_rows, token_strategies
-from autotp.placement import Grid, R, S, can_shard, is_shard
+from autotp.passes.rules.views import slice_bounds, split_dim
+from autotp.placement import Grid, R, S, can_shard, factor_key, is_shard
 
 aten = torch.ops.aten
 
@@ -25,18 +26,42 @@ aten = torch.ops.aten
 _SPLITTING_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
 
 
-def split_factors(gm: fx.GraphModule) -> tuple[int, ...]:
-    """Strided-shard factors worth trying: the equal-split counts that occur in the graph, and the
-    block counts of a dim unflattened into (blocks, size)."""
+def split_factors(gm: fx.GraphModule) -> tuple:
+    """Strided-shard factors worth trying: the equal-split counts that occur in the graph, the
+    block counts of a dim unflattened into (blocks, size), and, for a dim cut into *unequal*
+    pieces, the tuple of their sizes (``placement.Blocks``): the sizes of a ``split_with_sizes``
+    (``q, k, v = qkv.split((Q, K, V), -1)``), or the bounds of the slices of one tensor along one
+    dim that tile it (``qkv[..., :Q]``, ``qkv[..., Q:Q+K]``, ``qkv[..., Q+K:]``)."""
     factors = {1}
+    slices: dict = {}                             # (tensor, dim) -> the [start, end) of its slices
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in _SPLITTING_OPS and isinstance(val(n), (list, tuple)):
             outs = val(n)
             if len({o.shape for o in outs}) == 1:
                 factors.add(len(outs))
+            elif n.target == aten.split_with_sizes.default:
+                d = split_dim(n) % val(n.args[0]).ndim
+                factors.add(tuple(int(o.shape[d]) for o in outs))
         elif n.op == "call_function" and n.target == aten.unflatten.int and len(n.args[2]) == 2:
             factors.add(n.args[2][0])             # a packed [q|k|v] viewed as (3, E): nn.MultiheadAttention
-    return tuple(sorted(factors))
+        elif n.op == "call_function" and n.target == aten.slice.Tensor and (bounds := slice_bounds(n)) is not None:
+            slices.setdefault((n.args[0], bounds[0]), set()).add(bounds[1:])
+    for (x, d), spans in slices.items():
+        if (sizes := _tiling(sorted(spans), val(x).shape[d])) is not None and len(set(sizes)) > 1:
+            factors.add(sizes)
+    return tuple(sorted(factors, key=factor_key))
+
+
+def _tiling(spans: list, size: int) -> tuple | None:
+    """The sizes of ``spans`` (sorted ``(start, end)`` pairs) if they cut ``[0, size)`` into
+    consecutive pieces, each once; else None."""
+    at, sizes = 0, []
+    for start, end in spans:
+        if start != at or end <= start:
+            return None
+        sizes.append(end - start)
+        at = end
+    return tuple(sizes) if at == size and len(sizes) > 1 else None
 
 
 def meta(node: fx.Node) -> dict:
@@ -195,9 +220,9 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors, kv_groups=
         for f in factors:
             if not can_shard(v.shape[d], f, ctx.world):
                 continue
-            if ctx.dp_sharded and f > 1:
-                ctx.note(f"FSDP2 shards the parameters over another mesh dim: no strided shard (S(d)xf) of a "
-                         f"fused parameter is offered, since FSDP2 and torch.distributed.checkpoint cannot describe "
+            if ctx.dp_sharded and f != 1:
+                ctx.note(f"FSDP2 shards the parameters over another mesh dim: no strided shard (S(d)xf, or "
+                         f"S(d)[a|b|c] of unequal blocks) of a fused parameter is offered, since FSDP2 and torch.distributed.checkpoint cannot describe "
                          f"its pieces (first: `{name}`); such a weight is split contiguously or replicated, and its "
                          f"blocks may be gathered")
                 continue
@@ -224,7 +249,7 @@ def grid_options(v: torch.Tensor, world: int, factors) -> list[Strategy]:
             continue
         for d in (1, 2):
             for f in factors:
-                if can_shard(v.shape[d], f, world // groups):
+                if isinstance(f, int) and can_shard(v.shape[d], f, world // groups):
                     out.append(Strategy((), Grid(S(0), S(d, f), groups)))
     return out
 

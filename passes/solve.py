@@ -71,7 +71,7 @@ from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.attention import ATTENTION_OPS
 from autotp.passes.rules.views import RESHAPES, WEIGHT_VIEWS
-from autotp.placement import D, P, S, Grid, R, can_shard, fmt, group_replicated, is_shard, local_shape, split_factor, splits
+from autotp.placement import D, P, S, Grid, R, can_shard, fmt, group_replicated, is_shard, is_strided, local_shape, splits
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
 _GRID_EPS = 3        # per Grid placement: among equal plans the 1-D ones first (EP x TP where neither pure form divides)
@@ -108,7 +108,7 @@ class _ILP:
 def _strided(s) -> int:
     """Strided (fused-layout) placements in a strategy: prefer plain shards among equals."""
     outs = s.output if isinstance(s.output, tuple) else (s.output,)
-    return sum(1 for p in (*s.inputs, *outs) if p is not None and split_factor(p) > 1)
+    return sum(1 for p in (*s.inputs, *outs) if p is not None and is_strided(p))
 
 
 def _grids(s) -> float:

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import D, P, R, S, ExpertRows, Placement, TokenLocal, can_shard, split_factor
+from autotp.placement import D, P, R, S, ExpertRows, Placement, TokenLocal, can_shard, factor_key, split_factor
 
 aten = torch.ops.aten
 
@@ -142,18 +142,18 @@ class RuleContext:
 
 
 def placement_key(p) -> tuple:
-    """Deterministic order: R, P, then shards by (dim, factor)."""
+    """Deterministic order: R, P, then shards by (dim, factor: equal blocks, then unequal ones)."""
     if p == R:
-        return (0, 0, 0)
+        return (0, 0, (0,))
     if p == P:
-        return (1, 0, 0)
+        return (1, 0, (0,))
     if p == D:
-        return (1, 1, 0)
+        return (1, 1, (0,))
     if isinstance(p, TokenLocal):
-        return (3, p.dim, p.kind, str(p.origin))
+        return (3, p.dim, (p.kind, str(p.origin)))
     if isinstance(p, ExpertRows):
-        return (4, 0, 0)
-    return (2, p.dim, split_factor(p))
+        return (4, 0, (0,))
+    return (2, p.dim, factor_key(split_factor(p)))
 
 
 def replicate_strategy(node: fx.Node) -> Strategy:

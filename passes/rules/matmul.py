@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
-from autotp.placement import P, R, S, is_shard, split_factor
+from autotp.placement import P, R, S, factor_key, is_shard, split_factor
 
 aten = torch.ops.aten
 _BATCH = "ABCDEFGHIJ"
@@ -32,7 +32,7 @@ def einsum_strategies(node: fx.Node, ctx: RuleContext, operands: list[fx.Node], 
             if letter in spec:
                 factors |= {split_factor(p) for p in ctx.candidates(a)
                             if is_shard(p) and p.dim % len(spec) == spec.index(letter)}
-        for f in sorted(factors):
+        for f in sorted(factors, key=factor_key):
             if not ctx.shardable(n, f):
                 continue
             ins = tuple(S(spec.index(letter), f) if letter in spec else R for spec in in_specs)

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
 from autotp import comm
-from autotp.placement import D, P, R, S, X, Grid, TokenLocal, is_shard, split_factor
+from autotp.placement import D, P, R, S, X, Grid, TokenLocal, factor_key, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -99,11 +99,11 @@ def grouped_mm_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     rest = tuple(R for _ in range(n_tensor_args))                 # offs (and bias) replicated
     k, n = wv.shape[1], wv.shape[2]
     factors_n = {1} | {split_factor(p) for p in ctx.candidates(w) if is_shard(p) and p.dim % 3 == 2}
-    for f in sorted(factors_n):
+    for f in sorted(factors_n, key=factor_key):
         if ctx.shardable(n, f) and aligned(n // ctx.world, wv):
             strategies.append(Strategy((R, S(2, f)) + rest, S(1, f)))       # column-parallel experts
     factors_k = {1} | {split_factor(p) for p in ctx.candidates(x) if is_shard(p) and p.dim % 2 == 1}
-    for f in sorted(factors_k):
+    for f in sorted(factors_k, key=factor_key):
         if ctx.shardable(k, f) and aligned(k // ctx.world, wv):
             strategies.append(Strategy((S(1, f), S(1, f)) + rest, P))      # row-parallel experts
     if xv.is_floating_point():

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, tensor_inputs, val
-from autotp.placement import D, P, R, S, is_shard, split_factor
+from autotp.placement import D, P, R, S, factor_key, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -60,7 +60,7 @@ def pointwise_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
                 j = p.dim % val(a).ndim
                 if j in inv:
                     options.add((inv[j], split_factor(p)))
-    for d, f in sorted(options):
+    for d, f in sorted(options, key=lambda o: (o[0], factor_key(o[1]))):
         if not ctx.shardable(out.shape[d], f) or (triu_like and d >= out.ndim - 2):
             continue
         placements = tuple(S(m[d], f) if d in m else R for m in maps)

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from autotp.passes.rules import (RuleContext, arg, Strategy, dedupe, register_rule, replicate_strategy, sym_val,
                                  tensor_inputs, val)
-from autotp.placement import D, P, R, S, Placement, is_shard, split_factor, splits
+from autotp.placement import D, P, R, S, Placement, block_sizes, factor_key, is_shard, split_factor, splits
 
 aten = torch.ops.aten
 
@@ -57,6 +57,8 @@ def view_placement(ishape, oshape, p: Placement, world: int, symbolic=()) -> Pla
     if not is_shard(p):
         return None                   # token-local rows: views of them are tokens.py's
     d, f = p.dim % len(ishape), split_factor(p)
+    if isinstance(f, tuple):
+        return _view_blocks(ishape, oshape, d, f)
     for gi, gj in dim_groups(ishape, oshape):
         if d not in gi:
             continue
@@ -76,6 +78,20 @@ def view_placement(ishape, oshape, p: Placement, world: int, symbolic=()) -> Pla
             if before > a:
                 break
         return None
+    return None
+
+
+def _view_blocks(ishape, oshape, d: int, sizes: tuple) -> Placement | None:
+    """``view_placement`` of ``Blocks(d, sizes)`` (unequal blocks): it passes a view that keeps
+    dim ``d`` as it is (merging or splitting only other dims), or merges ``d`` with dims of size 1;
+    any other view of the dim would need the blocks' sizes rescaled: None."""
+    for gi, gj in dim_groups(ishape, oshape):
+        if d in gi:
+            kept = [t for t in gj if oshape[t] == ishape[d]]
+            if len(kept) == 1 and all(ishape[k] == 1 for k in gi if k != d) \
+                    and all(oshape[t] == 1 for t in gj if t != kept[0]):
+                return S(kept[0], sizes)
+            return None
     return None
 
 
@@ -182,12 +198,66 @@ def permute_rule(node, ctx):
     return _remap(node.args[0], ctx, node, lambda d: dims.index(d))
 
 
+def slice_bounds(node: fx.Node) -> tuple[int, int, int] | None:
+    """``(dim, start, end)`` of a ``slice.Tensor`` node with step 1 and int bounds, clamped to
+    ``[0, size]`` (``x[..., Q:]`` ends at the dim's size); None otherwise (a symbolic bound)."""
+    x = val(node.args[0])
+    dim, start, end, step = (arg(node, 1, "dim", 0), arg(node, 2, "start"), arg(node, 3, "end"),
+                             arg(node, 4, "step", 1))
+    if step != 1 or not all(b is None or isinstance(b, int) for b in (start, end)):
+        return None
+    dim %= x.ndim
+    size = x.shape[dim]
+    if not isinstance(size, int):
+        return None
+    start, end = slice(start, end).indices(size)[:2]
+    return dim, start, max(start, end)
+
+
+def _block_slice(p: Placement, n: int, start: int, end: int):
+    """A slice ``[start, end)`` of a dim of size ``n`` held as ``p`` (``S(d)xf`` or ``Blocks``):
+    if it is a run of whole blocks, ``(its placement, local start, local end)``; else None.  The
+    local bounds are the rank's pieces of the blocks before it and of its own (the same on every
+    rank), so ``q = qkv[..., :Q]`` of a ``[q|k|v]`` held as ``S(-1)[Q|K|V]`` is ``S(-1)``."""
+    blocks, at, first, last = block_sizes(p, n), 0, None, None
+    for j, b in enumerate(blocks):
+        if at == start:
+            first = j
+        at += b
+        if at == end:
+            last = j
+            break
+    if first is None or last is None or last < first:
+        return None
+    local_start = sum(blocks[:first])
+    return S(p.dim, tuple(blocks[first:last + 1])), local_start, end - start
+
+
 @register_rule(aten.slice.Tensor)
 def slice_rule(node, ctx):
+    """A slice keeps a shard on any other dim, and on its own dim when it takes the whole dim or a
+    run of whole blocks of a fused one (``_block_slice``; its bounds become the local ones)."""
     x = val(node.args[0])
     dim = arg(node, 1, "dim", 0) % x.ndim
     full = val(node).shape[dim] == x.shape[dim]
-    return _remap(node.args[0], ctx, node, lambda d: d if (d != dim or full) else None)
+    strategies = _remap(node.args[0], ctx, node, lambda d: d if (d != dim or full) else None)
+    bounds = slice_bounds(node)
+    if full or bounds is None:
+        return strategies
+    for p in ctx.candidates(node.args[0]):
+        if is_shard(p) and p.dim % x.ndim == dim and (cut := _block_slice(S(dim, split_factor(p)), x.shape[dim],
+                                                                          *bounds[1:])) is not None:
+            q, start, length = cut
+            strategies.append(Strategy((p,), q, localize=_slice_localizer(dim, start, length)))
+    return dedupe(strategies)
+
+
+def _slice_localizer(dim: int, start: int, length: int):
+    def localize(node: fx.Node, strategy: Strategy, lctx) -> None:
+        s = start // lctx.world
+        node.args = (node.args[0], dim, s, s + length // lctx.world, *node.args[4:])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "start", "end")}
+    return localize
 
 
 @register_rule(aten.select.int)
@@ -241,21 +311,28 @@ def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
             if d != dim:
                 nd = d if (not unbind or d < dim) else d - 1
                 strategies.append(Strategy((p,), tuple(S(nd, f) for _ in outs)))
-            elif not unbind and (pieces := _split_factors([o.shape[dim] for o in outs], x.shape[dim], f)):
+            elif not unbind and (pieces := _split_blocks([o.shape[dim] for o in outs], block_sizes(p, x.shape[dim]))):
                 strategies.append(Strategy((p,), tuple(S(d, fi) for fi in pieces), localize=hook))
     return dedupe(strategies)
 
 
-def _split_factors(sizes: list[int], n: int, f: int) -> list[int] | None:
-    """Splitting a dim of size ``n`` held as ``S(d)xf`` (``f`` blocks of ``n/f``, each cut across the
-    ranks) into pieces of ``sizes``: a piece made of whole blocks is ``S(d)x(its blocks)``, so
-    ``[q|k|v]`` as ``S(d)x3`` gives three ``S(d)``, and a fused projection of ``f`` equal blocks split
-    into unequal pieces (``[q_0 q_1 | k | v]`` as ``S(d)x4``) gives ``S(d)x2, S(d), S(d)``.  None if a
-    piece would cut a block."""
-    block = n // f
-    if any(size % block for size in sizes):
-        return None
-    return [size // block for size in sizes]
+def _split_blocks(sizes: list[int], blocks: tuple) -> list[tuple] | None:
+    """Splitting a dim held as blocks of ``blocks`` (``S(d)xf``: ``f`` equal ones; ``Blocks``: its
+    sizes; each cut across the ranks) into pieces of ``sizes``: a piece made of whole blocks is
+    ``S(d, its blocks)``, so ``[q|k|v]`` as ``S(d)x3`` gives three ``S(d)``, a grouped-query
+    ``[q|k|v]`` as ``S(d)[Q|K|V]`` split ``(Q, K, V)`` gives three ``S(d)`` too, and a fused
+    projection of ``f`` equal blocks split into unequal pieces (``[q_0 q_1 | k | v]`` as ``S(d)x4``)
+    gives ``S(d)x2, S(d), S(d)``.  None if a piece would cut a block (or is empty)."""
+    out, j = [], 0
+    for size in sizes:
+        first, at = j, 0
+        while at < size and j < len(blocks):
+            at += blocks[j]
+            j += 1
+        if at != size or j == first:
+            return None
+        out.append(tuple(blocks[first:j]))
+    return out
 
 
 @register_rule(aten.cat.default)
@@ -270,7 +347,7 @@ def cat_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
         strategies.append(Strategy(tuple(P for _ in ins), P))
     options = {(p.dim % out.ndim, split_factor(p)) for a in ins for p in ctx.candidates(a) if is_shard(p)}
     same_size = len({val(a).shape[dim] for a in ins}) == 1
-    for d, f in sorted(options):
+    for d, f in sorted(options, key=lambda o: (o[0], factor_key(o[1]))):
         if not all(ctx.shardable(val(a).shape[d], f) for a in ins):
             continue
         if d != dim:
@@ -287,7 +364,7 @@ def stack_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     dim = arg(node, 1, "dim", 0) % out.ndim
     strategies = [replicate_strategy(node)]
     options = {(p.dim % val(a).ndim, split_factor(p)) for a in ins for p in ctx.candidates(a) if is_shard(p)}
-    for d, f in sorted(options):
+    for d, f in sorted(options, key=lambda o: (o[0], factor_key(o[1]))):
         if all(ctx.shardable(val(a).shape[d], f) for a in ins):
             strategies.append(Strategy(tuple(S(d, f) for _ in ins), S(d if d < dim else d + 1, f)))
     return dedupe(strategies)
