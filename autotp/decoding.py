@@ -62,6 +62,8 @@ def decode(gen, input_ids, *args, attention_mask=None, generation_config=None, *
     attention_mask, generation_config = _bind(args, attention_mask, generation_config, kwargs)
     ids = _check_ids(input_ids, gen.device)
     mask = _check_mask(attention_mask, ids)
+    if gen.mesh.size() > 1:
+        _check_same_on_ranks(gen, ids, mask, kwargs)
     own = {k: kwargs.pop(k) for k in _OWN if k in kwargs}
     if kwargs.get("max_new_tokens") == 0:          # autotp returns the prompt (Hugging Face 5 raises)
         return (ids, []) if own.get("return_logits") else ids
@@ -124,8 +126,9 @@ def _sample(gen, ids, mask, positions, config, processors, stopping, rng, stream
     route, scale, top_k = _route(gen.vocab, processors, rng is not None, want_scores, want_logits or return_logits)
     scores, raw, step_logits = [], [], []
     run = gen.run(batch, config.max_length, compile_options)      # the cache and the weights, for this call
-    # the whole cache's mask: the prompt's, then 1 for every generated token
-    full_mask = torch.ones(batch, config.max_length, dtype=torch.long, device=ids.device)
+    # the whole cache's mask: the prompt's, then 1 for every generated token (and for the slots
+    # past max_length a compiled step's cache has: never written, hidden by causality)
+    full_mask = torch.ones(batch, run.slots, dtype=torch.long, device=ids.device)
     full_mask[:, :prompt] = mask
     unfinished = torch.ones(batch, dtype=torch.long, device=ids.device)
     if streamer is not None:
@@ -272,6 +275,22 @@ def _bind(args, attention_mask, generation_config, kwargs):
     if len(args) > 1 and args[1] is not None:
         generation_config = args[1]
     return attention_mask, generation_config
+
+
+def _check_same_on_ranks(gen, ids, mask, kwargs) -> None:
+    """The ranks of the tensor-parallel group generate together: with different prompts their
+    steps would pair collectives of different sizes (an error or a hang in a collective) or
+    silently pick different tokens.  One small all-gather per call compares the prompts, the
+    masks and the plain-valued arguments (objects such as a streamer, which only rank 0 uses,
+    or a tokenizer are not compared)."""
+    from autotp.program import check_same_inputs
+    plain = (int, float, str, bool, type(None))
+    named = [("input_ids", ids), ("attention_mask", mask)]
+    named += [(k, v) for k, v in sorted(kwargs.items())
+              if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))]
+    check_same_inputs(named, gen.mesh, "every rank of the tensor-parallel group must call generate with the same "
+                                       "prompts and arguments (they generate the same tokens together); split "
+                                       "prompts over a data-parallel mesh dim, not 'tp'")
 
 
 def _check_supported(config) -> None:

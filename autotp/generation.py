@@ -254,6 +254,7 @@ class Generator:
         self.rank, self.group_name = rank, group
         self.vocab = self._vocab_layout(gm)
         self._compiled: dict = {}
+        self._static_cache: tuple = (None, None)
 
     def _vocab_layout(self, gm: fx.GraphModule) -> "VocabLayout":
         """How the step's logits output ``(B, 1, V)`` lies on the ranks (``VocabLayout``)."""
@@ -311,14 +312,32 @@ class Generator:
 
     def _graph(self, compile_options: dict | None):
         """The rank-local step graph (eager: ``_bound_forward``), or it under
-        ``torch.compile(**compile_options)`` (compiled once per set of options and kept: the
-        prefill and the decode shapes are its two graphs)."""
+        ``torch.compile(**compile_options)``, compiled once per set of options and kept.  Unless
+        the options say otherwise the compile is static (``dynamic=False``): one graph per
+        batch size and cache length (``DecodeRun.slots``), what a CUDA graph
+        (``mode="reduce-overhead"``) needs."""
         if compile_options is None:
             return self._eager
+        compile_options = {"dynamic": False, **compile_options}
         key = repr(sorted(compile_options.items()))
         if key not in self._compiled:
             self._compiled[key] = torch.compile(self.gm, **compile_options)
         return self._compiled[key]
+
+    def static_cache(self, batch: int, length: int) -> list[torch.Tensor]:
+        """The cache a compiled step reads, kept from one ``generate`` call to the next of the
+        same batch and cache length (as Hugging Face's ``StaticCache``): its tensors keep their
+        addresses, which a CUDA graph replays, and are marked static for ``torch.compile``.  Only
+        the last size is kept.  Stale slots need no clearing: a step reads a slot only at or
+        after the position that writes it (causality), and the prompt's slots are written first."""
+        key = (batch, length)
+        if self._static_cache[0] != key:
+            self._static_cache = (key, None)                  # drop the old one before allocating
+            cache = self.new_cache(batch, length)
+            for t in cache:
+                torch._dynamo.mark_static_address(t)
+            self._static_cache = (key, cache)
+        return self._static_cache[1]
 
     # ---- the cache
     def _local_cache_shape(self, node: fx.Node, placement, batch: int, length: int) -> list[int]:
@@ -401,54 +420,76 @@ def generator(pmodel) -> Generator:
 
 class DecodeRun:
     """One ``generate`` call's decode steps on this rank: the weights looked up once, the cache
-    for ``batch`` x ``length`` positions, and each step run on the first ``used`` slots of it:
-    the slots written so far rounded up to a multiple of ``BUCKET`` (at most ``length``).
+    for ``batch`` sequences of up to ``length`` tokens, and each step run on the first ``used``
+    slots of it: the slots written so far rounded up to a multiple of ``BUCKET`` (at most
+    ``slots``).
 
     Hugging Face's ``DynamicCache`` attends over the tokens so far; a static cache over all of
     ``length``, masked.  The prefix is the static cache's slots ``0 .. used - 1``, a view, so
     the in-place cache writes land in the whole cache; the mask is the whole mask's first
     ``used`` columns, so the model's ``create_causal_mask`` builds the same rows, cut short,
     and the slots past ``used`` (not yet written, hidden by causality) are simply not read.
-    Shapes change only every ``BUCKET`` tokens.  Every step takes the whole cache under
-    ``torch.compile`` (fixed shapes: two graphs, the prefill's and the decode step's, where
-    prefixes would add two more compiles, one for the first change of length and one when the
-    prefix becomes the whole, contiguous, cache), and where a cache write is not in place
-    (``Generator.in_place`` false; the next cache is then the step's output)."""
+    Shapes change only every ``BUCKET`` tokens.
+
+    Under ``torch.compile`` the decode steps (one new token a row) run compiled on fixed
+    shapes: the whole cache, whose ``slots`` are ``length`` rounded up to a size bucket
+    (``cache_slots``), so that calls with other prompt or output lengths in the same bucket
+    reuse the graph, and the same cache tensors from call to call (``Generator.static_cache``);
+    the prefill runs eagerly (its length changes with every prompt, and it runs once a call).
+    Where a cache write is not in place (``Generator.in_place`` false) every step takes the
+    whole cache and the next cache is the step's output."""
 
     BUCKET = 32
 
     def __init__(self, gen: Generator, batch: int, length: int, compile_options: dict | None = None):
-        self.gen, self.length = gen, length
-        self.cache = gen.new_cache(batch, length)                 # [(B, length, kv_heads/N, D)] per layer, k and v
-        self.inputs, self.slots = gen._bound_inputs()
-        self.forward = gen._graph(compile_options)
-        self.prefix = gen.in_place and compile_options is None
+        self.gen = gen
+        compiled = compile_options is not None
+        self.slots = cache_slots(length) if compiled else length
+        if compiled and gen.in_place:
+            self.cache = gen.static_cache(batch, self.slots)     # [(B, slots, kv_heads/N, D)] per layer, k and v
+        else:
+            self.cache = gen.new_cache(batch, self.slots)
+        self.inputs, self.user_at = gen._bound_inputs()
+        self.decode = gen._graph(compile_options)
+        self.prefix = gen.in_place and not compiled
 
     def used(self, end: int) -> int:
         """Cache slots a step that writes up to slot ``end - 1`` reads."""
         if not self.prefix:
-            return self.length
-        return min(self.length, -(-end // self.BUCKET) * self.BUCKET)
+            return self.slots
+        return min(self.slots, -(-end // self.BUCKET) * self.BUCKET)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids, start: int) -> torch.Tensor:
         """One step: ``input_ids`` (B, S) written at cache slots ``start .. start + S - 1``;
-        ``attention_mask`` (B, length) over the whole cache; ``position_ids`` (B, S), or None
+        ``attention_mask`` (B, slots) over the whole cache; ``position_ids`` (B, S), or None
         when the model takes none.  Returns this rank's last logits (B, 1, V) in the placement
         ``gen.vocab`` describes (a vocab slice when split)."""
         used = self.used(start + input_ids.shape[1])
-        cache = self.cache if used == self.length else [c[:, :used] for c in self.cache]
-        positions = [position_ids] if self.gen.takes_positions else []
+        cache = self.cache if used == self.slots else [c[:, :used] for c in self.cache]
+        # contiguous: the loop's slices of its growing position ids have the whole row's stride,
+        # a new one every step, which a compiled step would guard on and recompile for
+        positions = [position_ids.contiguous()] if self.gen.takes_positions else []
         user = [input_ids, attention_mask[:, :used], *positions, torch.tensor(start, device=self.gen.device), *cache]
-        for slot, i in self.slots:
+        for slot, i in self.user_at:
             self.inputs[slot] = user[i]
+        forward = self.decode if input_ids.shape[1] == 1 or not self.gen.in_place else self.gen._eager
         # inference mode: no view or version bookkeeping on the step's ~300 ops (~10% of a small
         # model's step); the logits come out as an inference tensor, which the loop only reads
         # (and copies), and the cache, made outside, may be written in place inside
         with torch.inference_mode():
-            logits, *written = self.forward(*self.inputs)
+            logits, *written = forward(*self.inputs)
         if not self.gen.in_place:
             self.cache = written
         return logits
+
+
+def cache_slots(length: int) -> int:
+    """The cache length a compiled decode step is built for: ``length`` rounded up to a power
+    of two from 64 to 1024, then to a multiple of 1024 (at most 2x the slots read below 1024
+    tokens, at most 1023 extra above; a graph per bucket)."""
+    if length > 1024:
+        return -(-length // 1024) * 1024
+    return max(64, 1 << (length - 1).bit_length())
 
 
 class VocabLayout:

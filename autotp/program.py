@@ -118,6 +118,30 @@ def mesh_for(mesh: DeviceMesh, p) -> tuple[DeviceMesh, list]:
     return _GRID_MESHES[key], [p.outer, p.inner]
 
 
+def check_same_inputs(named: list[tuple[str, object]], mesh, advice: str) -> None:
+    """Every rank of ``mesh``'s group passed the same values (tensors by shape, dtype and a hash
+    of their bytes; anything else by ``repr``), or an ``AutoTPError`` naming the first one that
+    differs, what each rank passed, and ``advice``.  One small all-gather."""
+    import hashlib
+    mine = []
+    for _, x in named:
+        if isinstance(x, torch.Tensor):
+            digest = hashlib.sha1(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            mine.append((tuple(x.shape), str(x.dtype), digest[:12]))
+        else:
+            mine.append(repr(x))
+    seen = [None] * mesh.size()
+    dist.all_gather_object(seen, mine, group=mesh.get_group())
+    if all(s == seen[0] for s in seen):
+        return
+    for i, (name, _) in enumerate(named):
+        values = [s[i] if i < len(s) else None for s in seen]
+        if any(v != values[0] for v in values):
+            by_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise AutoTPError(f"ranks passed different inputs: `{name}` differs ({by_rank}); {advice}")
+    raise AutoTPError(f"ranks passed different inputs; {advice}")
+
+
 def check_same_plan(p, mesh) -> None:
     """Every rank planned the same (their plans' fingerprints agree), or a clear error."""
     group = mesh.get_group()

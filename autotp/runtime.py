@@ -24,7 +24,7 @@ from autotp.blocks import (checkpoint_mode, cut, model_checkpointing, rank_local
 from autotp.checkpoint import materialize_buffers
 from autotp.placement import Grid, P, R, fmt, local_chunk
 from autotp.plan import Plan
-from autotp.program import adopt, mesh_device, mesh_for, retarget_meta, static_size
+from autotp.program import adopt, check_same_inputs, mesh_device, mesh_for, retarget_meta, static_size
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -358,26 +358,9 @@ class ParallelModule(nn.Module):
 
     def _check_same_inputs(self, flat: list) -> None:
         """Debug mode: every rank must pass the same inputs (one small all-gather per call)."""
-        import hashlib
-        mine = []
-        for x in flat:
-            if isinstance(x, torch.Tensor):
-                digest = hashlib.sha1(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-                mine.append((tuple(x.shape), str(x.dtype), digest[:12]))
-            else:
-                mine.append(repr(x))
-        seen = [None] * self.mesh.size()
-        dist.all_gather_object(seen, mine, group=self.mesh.get_group())
-        if any(s != seen[0] for s in seen):
-            names = self.plan.captured.user_inputs
-            for i, name in enumerate(names):
-                values = [s[i] if i < len(s) else None for s in seen]
-                if any(v != values[0] for v in values):
-                    by_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-                    raise AutoTPError(f"ranks passed different inputs: `{name}` differs ({by_rank}); every rank of "
-                                      f"the tensor-parallel group must pass the same inputs (split the batch over a "
-                                      f"data-parallel mesh dim, not 'tp')")
-            raise AutoTPError("ranks passed different inputs")
+        check_same_inputs(list(zip(self.plan.captured.user_inputs, flat)), self.mesh,
+                          "every rank of the tensor-parallel group must pass the same inputs (split the batch "
+                          "over a data-parallel mesh dim, not 'tp')")
 
     def _output_nodes(self):
         out = next(n for n in self.graph_module.graph.nodes if n.op == "output")

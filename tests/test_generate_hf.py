@@ -1,7 +1,8 @@
 """``pmodel.generate`` speaks Hugging Face's ``generate``: left-padded batches, several end tokens,
 lengths, repetition penalty, seeded sampling, streamer, ``return_dict_in_generate`` and clear
 errors.  Compared with the unsharded model's own ``generate`` at N = 1 and N = 2 (real gloo
-processes: each rank also plans a 1-rank tensor-parallel mesh for N = 1).
+processes: each rank also plans a 1-rank tensor-parallel mesh for N = 1), for Llama, GPT-2,
+Qwen2 (tied embeddings), Mixtral (MoE) and Mistral (sliding window).
 
 One start of 2 processes runs those cases (CPU CI budget); one start of 4 (``run_cases``) runs the
 N = 4 cases: equality with the logits split by vocab, tie-breaking of the (value, index) exchange,
@@ -25,7 +26,22 @@ from models import build, build_any
 
 WORLD = 2
 NEW = 6
-FAMILIES = {"llama": dict(), "gpt2": dict(tie_word_embeddings=False, n_layer=1)}
+# tests/models.py's configs, with what makes them split at N = 2 and 4 (heads, kv heads so that the
+# cache splits, vocab, experts), most with one layer: each rank plans each family's decode step,
+# most of a family's time on CI's 2 cores
+FAMILIES = {
+    "llama": dict(),
+    # untied GPT-2: a random model with tied embeddings mostly repeats its last input token, which a
+    # broken cache would do as well; untied, the generated tokens depend on the cached context
+    "gpt2": dict(tie_word_embeddings=False, n_layer=1),
+    # 4 heads, 4 kv heads, tied embeddings; at the default initializer_range (0.02) the tied random
+    # model repeats each row's last prompt token, which a broken cache would do too
+    "qwen2": dict(num_hidden_layers=1, initializer_range=0.2),
+    "mixtral": dict(num_hidden_layers=1, num_key_value_heads=4),   # 4 experts, one a rank at N = 4; top-2 routing
+    # sliding_window 4 < the 12 positions generated; 8 heads, 4 kv heads; vocab 128 (the config's 96
+    # is below the prompts' ids)
+    "mistral": dict(num_hidden_layers=1, vocab_size=128),
+}
 # chi-square test of sampled next tokens: draws, vocab, and the p-value below which it fails
 DRAWS, TINY_VOCAB, P_FAIL = 4000, 16, 1e-3
 SAMPLING = dict(do_sample=True, temperature=0.7, top_k=40, top_p=0.95, min_p=0.02)
@@ -119,6 +135,16 @@ def _errors(pmodel, ids, mask) -> dict:
         except autotp.AutoTPError as e:
             out[key] = str(e)
     out["zero_new"] = (pmodel.generate(ids, attention_mask=mask, max_new_tokens=0).tolist(), ids.tolist())
+    # ranks that pass different prompts, or different arguments, are told so (not paired collectives
+    # of different sizes, a hang, or different tokens on each rank)
+    rank = dist.get_rank()
+    for key, kw in {"other_prompt": dict(input_ids=ids.roll(rank, dims=1)),
+                    "other_length": dict(max_new_tokens=2 + rank)}.items():
+        try:
+            pmodel.generate(**{"input_ids": ids, "attention_mask": mask, "max_new_tokens": 2, **kw})
+            out[key] = "no error"
+        except autotp.AutoTPError as e:
+            out[key] = str(e)
     return out
 
 
@@ -166,7 +192,7 @@ def _run(rank) -> dict:
             key = f"{name}/{world}"
             try:
                 torch.manual_seed(0)
-                model = build(name, **overrides).eval()
+                model = build_any(name, **overrides).eval()
                 reference = copy.deepcopy(model)
                 ids, mask = _prompts(torch.Generator().manual_seed(1))
                 pmodel = autotp.parallelize(model, (ids,), mesh=mesh)
@@ -222,9 +248,9 @@ def test_greedy_with_padding_eos_and_penalty_equals_hf(per_rank, key):
     prompt = len(r["padded"][1][0]) - NEW
     assert _end_tokens(r["two_eos"][1], prompt, r["eos_ids"]) == set(r["eos_ids"]), (r["two_eos"][1], r["eos_ids"])
     assert r["min_new_tokens"][1] != r["two_eos"][1]
-    if key.startswith("llama"):
-        # Llama's greedy tokens repeat (21, 81, 21, 81, ...), so the penalty must change them; the
-        # 1-layer GPT-2's do not repeat, and the penalised scores are compared in the dict test
+    if not key.startswith("gpt2"):
+        # their greedy tokens repeat (Llama's 21, 81, 21, 81, ...), so the penalty must change them;
+        # the 1-layer GPT-2's do not repeat, and the penalised scores are compared in the dict test
         assert r["repetition_penalty"][1] != r["padded"][1]
     assert len(r["max_length"][1][0]) == prompt + 3
 
@@ -273,6 +299,8 @@ def test_bad_input_gets_clear_errors(per_rank):
     assert "num_beams" in errors["beams"] or "beam" in errors["beams"]
     assert "attention_mask" in errors["mask_shape"]
     assert "input_ids is empty" in errors["empty"]
+    assert "ranks passed different inputs: `input_ids` differs" in errors["other_prompt"], errors["other_prompt"]
+    assert "`max_new_tokens` differs (rank 0: 2, rank 1: 3)" in errors["other_length"], errors["other_length"]
     got, prompt = errors["zero_new"]
     assert got == prompt                                     # max_new_tokens=0: the prompt back
     gpt2 = _result(per_rank, 0, f"gpt2/{WORLD}")["errors"]
@@ -334,19 +362,8 @@ def _n4_example():
     return model, *_prompts(torch.Generator().manual_seed(1))
 
 
-# The other families at N = 4: tests/models.py's configs, with what makes them split by 4 (heads,
-# kv heads so that the cache splits, vocab, experts), and one layer, as GPT-2 has at N = 1 and 2:
-# each rank plans the decode step of each family, most of a family's time on CI's 2 cores.
-N4_FAMILIES = {
-    # 4 heads, 4 kv heads, tied embeddings; at the default initializer_range (0.02) the tied random
-    # model repeats each row's last prompt token, which a broken cache would do too
-    "qwen2": dict(num_hidden_layers=1, initializer_range=0.2),
-    "gpt2": FAMILIES["gpt2"],                                 # as at N = 1 and 2: untied, one layer
-    "mixtral": dict(num_hidden_layers=1, num_key_value_heads=4),   # 4 experts, one a rank; top-2 routing
-    # sliding_window 4 < the 12 positions generated; 8 heads, 4 kv heads; vocab 128 (the config's 96
-    # is below the prompts' ids)
-    "mistral": dict(num_hidden_layers=1, vocab_size=128),
-}
+# The other families at N = 4, as at N = 1 and 2 (Llama has its own fixture above).
+N4_FAMILIES = {name: overrides for name, overrides in FAMILIES.items() if name != "llama"}
 
 
 def _n4_family_example(name):
@@ -445,9 +462,22 @@ def _n4_cases():
         return out
 
     def compiled():
-        got = pmodel.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=1,
-                              compile={"backend": "aot_eager"})
-        return got.tolist(), equal(do_sample=False)[1]
+        """The decode step under torch.compile (aot_eager, which functionalizes the in-place cache
+        writes as Inductor does), its graphs counted: calls with other prompt and output lengths
+        in the same cache bucket reuse the one graph; another batch size makes a second."""
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(next(t.shape for t in example_inputs if isinstance(t, torch.Tensor) and t.ndim == 4))
+            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        out = []
+        for rows, cut, new in ((3, 0, NEW), (3, 2, NEW + 3), (3, 1, 20), (2, 0, NEW)):
+            kw = dict(attention_mask=mask[:rows, cut:], max_new_tokens=new, do_sample=False, pad_token_id=1)
+            got = pmodel.generate(ids[:rows, cut:], compile={"backend": backend}, **kw)
+            want = reference.generate(ids[:rows, cut:], **kw)
+            out.append((got.tolist(), want.tolist(), len(graphs)))
+        return dict(calls=out, graphs=[list(g) for g in graphs])
 
     return {"greedy": greedy, "stop_strings": stop_strings, "moved": moved, "ties": ties, "compiled": compiled,
             **{f"greedy/{name}": (lambda n=name: _n4_family_greedy(n)) for name in N4_FAMILIES}}
@@ -534,6 +564,18 @@ def test_n4_decode_step_moves_no_logits(n4):
 
 
 def test_n4_decode_step_under_torch_compile(n4):
+    """The same tokens as Hugging Face, and one graph per batch size: prompts of 6, 4 and 5
+    tokens with 6 to 20 new ones all fit the 64-slot cache bucket (``cache_slots``)."""
     from ranks import case
-    for got, want in case(n4, "compiled"):
-        assert got == want, (got, want)
+    for r in case(n4, "compiled"):
+        for got, want, _ in r["calls"]:
+            assert got == want, (got, want)
+        assert [graphs for _, _, graphs in r["calls"]] == [1, 1, 1, 2], r
+        # batch 3 then 2, 64 slots, this rank's quarter of the 4 kv heads
+        assert [g[:3] for g in r["graphs"]] == [[3, 64, 1], [2, 64, 1]], r["graphs"]
+
+
+def test_cache_slots_buckets():
+    from autotp.generation import cache_slots
+    assert [cache_slots(n) for n in (1, 12, 64, 65, 1000, 1024, 1025, 5000)] == [64, 64, 64, 128, 1024, 1024, 2048,
+                                                                                   5120]
