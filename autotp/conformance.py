@@ -97,7 +97,7 @@ def one_op_graph(op, args: tuple, kwargs: dict) -> tuple[fx.Graph, fx.Node, list
     return graph, node, tensors
 
 
-def input_candidates(t: torch.Tensor, world: int) -> set:
+def input_candidates(t: torch.Tensor, world: int, factors=_FACTORS) -> set:
     """Every placement a producer could deliver ``t`` in: R, P and D (floats), S(d)xf where the
     dim divides, X (rows dispatched to experts: offered so its strategies are counted, then
     skipped), and the EP x TP Grid of a stacked (3-D) tensor where the world has a 2-D view."""
@@ -105,7 +105,7 @@ def input_candidates(t: torch.Tensor, world: int) -> set:
     if t.is_floating_point() or t.is_complex():
         out |= {P, D}
     for d in range(t.ndim):
-        out |= {S(d, f) for f in _FACTORS if can_shard(t.shape[d], f, world)}
+        out |= {S(d, f) for f in factors if can_shard(t.shape[d], f, world)}
     if t.ndim == 2 and t.is_floating_point():
         out.add(X)                       # rows dispatched to this rank's experts (a grouped matmul's input)
     if t.ndim == 3 and t.is_floating_point():
@@ -114,11 +114,11 @@ def input_candidates(t: torch.Tensor, world: int) -> set:
     return out
 
 
-def strategies_of(rule, node: fx.Node, tensors_nodes: list[fx.Node], world: int) -> list:
+def strategies_of(rule, node: fx.Node, tensors_nodes: list[fx.Node], world: int, factors=_FACTORS) -> list:
     from autotp.passes.rules import RuleContext, dedupe
     from autotp.passes.rules.grid import grid_strategies
-    cands = {n: input_candidates(n.meta["val"], world) for n in tensors_nodes}
-    ctx = RuleContext(world=world, factors=_FACTORS, _candidates=cands)
+    cands = {n: input_candidates(n.meta["val"], world, factors) for n in tensors_nodes}
+    ctx = RuleContext(world=world, factors=factors, _candidates=cands)
     return dedupe(rule(node, ctx) + grid_strategies(node, rule, ctx))
 
 
@@ -297,9 +297,11 @@ def check_backward(op, graph, node, tensors, strategy, world: int, seed: int = 1
     return None
 
 
-def check_rule(op, sample_inputs, world: int, rule=None, backward: bool = True) -> Conformance:
+def check_rule(op, sample_inputs, world: int, rule=None, backward: bool = True, factors=_FACTORS) -> Conformance:
     """Check every strategy ``rule`` (default: the registered one) offers for ``op`` on each
-    sample ``(args, kwargs)`` of full tensors, at ``world`` simulated ranks."""
+    sample ``(args, kwargs)`` of full tensors, at ``world`` simulated ranks.  ``factors``: the
+    strided factors inputs are offered in (a tuple of block sizes offers ``Blocks`` on every dim
+    of that size whose blocks divide by ``world``)."""
     from autotp.passes.rules import find_rule, tensor_inputs
     rule = rule or find_rule(op)
     if rule is None:
@@ -309,7 +311,7 @@ def check_rule(op, sample_inputs, world: int, rule=None, backward: bool = True) 
     for k, (args, kwargs) in enumerate(sample_inputs):
         graph, node, tensors = one_op_graph(op, args, kwargs)
         label = f"sample {k} " + ", ".join(str(tuple(t.shape)) for t in tensors)
-        for strategy in strategies_of(rule, node, tensor_inputs(node), world):
+        for strategy in strategies_of(rule, node, tensor_inputs(node), world, factors):
             desc = f"{fmt(tuple(strategy.inputs))} -> {fmt(strategy.output)}"
             if strategy.replicated:
                 report.skipped["all-replicated (trivially the op itself)"] += 1
