@@ -17,7 +17,7 @@ from autotp.passes.rules import RuleContext, Strategy, dedupe, find_rule, replic
 from autotp.passes.rules.attention import kv_head_groups
 from autotp.passes.rules.grid import grid_strategies
 from autotp.passes.rules.tokens import seq_symbols, token_rows, token_strategies
-from autotp.passes.rules.views import slice_bounds, split_dim
+from autotp.passes.rules.views import slice_bounds, split_dim, static_dim
 from autotp.placement import Grid, R, S, can_shard, factor_key, is_shard
 
 aten = torch.ops.aten
@@ -39,8 +39,7 @@ def split_factors(gm: fx.GraphModule) -> tuple:
             outs = val(n)
             if len({o.shape for o in outs}) == 1:
                 factors.add(len(outs))
-            elif n.target == aten.split_with_sizes.default:
-                d = split_dim(n) % val(n.args[0]).ndim
+            elif n.target == aten.split_with_sizes.default and static_dim(n.args[0], d := split_dim(n) % outs[0].ndim):
                 factors.add(tuple(int(o.shape[d]) for o in outs))
         elif n.op == "call_function" and n.target == aten.unflatten.int and len(n.args[2]) == 2:
             factors.add(n.args[2][0])             # a packed [q|k|v] viewed as (3, E): nn.MultiheadAttention

@@ -198,27 +198,34 @@ def permute_rule(node, ctx):
     return _remap(node.args[0], ctx, node, lambda d: dims.index(d))
 
 
+def static_dim(node: fx.Node, dim: int) -> bool:
+    """Whether dim ``dim`` of ``node``'s value has one size at every call (not batch or sequence)."""
+    traced = sym_val(node)
+    size = traced.shape[dim] if isinstance(traced, torch.Tensor) else None
+    return not (isinstance(size, torch.SymInt) and size.node.expr.free_symbols)
+
+
 def slice_bounds(node: fx.Node) -> tuple[int, int, int] | None:
-    """``(dim, start, end)`` of a ``slice.Tensor`` node with step 1 and int bounds, clamped to
-    ``[0, size]`` (``x[..., Q:]`` ends at the dim's size); None otherwise (a symbolic bound)."""
+    """``(dim, start, end)`` of a ``slice.Tensor`` node with step 1 and int bounds on a dim of static
+    size, clamped to ``[0, size]`` (``x[..., Q:]`` ends at the dim's size); None otherwise."""
     x = val(node.args[0])
     dim, start, end, step = (arg(node, 1, "dim", 0), arg(node, 2, "start"), arg(node, 3, "end"),
                              arg(node, 4, "step", 1))
     if step != 1 or not all(b is None or isinstance(b, int) for b in (start, end)):
         return None
     dim %= x.ndim
-    size = x.shape[dim]
-    if not isinstance(size, int):
+    if not static_dim(node.args[0], dim):
         return None
-    start, end = slice(start, end).indices(size)[:2]
+    start, end = slice(start, end).indices(int(x.shape[dim]))[:2]
     return dim, start, max(start, end)
 
 
 def _block_slice(p: Placement, n: int, start: int, end: int):
     """A slice ``[start, end)`` of a dim of size ``n`` held as ``p`` (``S(d)xf`` or ``Blocks``):
-    if it is a run of whole blocks, ``(its placement, local start, local end)``; else None.  The
-    local bounds are the rank's pieces of the blocks before it and of its own (the same on every
-    rank), so ``q = qkv[..., :Q]`` of a ``[q|k|v]`` held as ``S(-1)[Q|K|V]`` is ``S(-1)``."""
+    if it is a run of whole blocks, ``(its placement, the full size of the blocks before it, its
+    length)``; else None.  Locally the slice is the rank's pieces of those blocks: it starts at
+    1/N of the blocks before it and is 1/N as long (the same on every rank), so
+    ``q = qkv[..., :Q]`` of a ``[q|k|v]`` held as ``S(-1)[Q|K|V]`` is ``S(-1)``."""
     blocks, at, first, last = block_sizes(p, n), 0, None, None
     for j, b in enumerate(blocks):
         if at == start:
@@ -253,6 +260,7 @@ def slice_rule(node, ctx):
 
 
 def _slice_localizer(dim: int, start: int, length: int):
+    """The hook that rewrites a slice of whole blocks (``_block_slice``) to the local bounds."""
     def localize(node: fx.Node, strategy: Strategy, lctx) -> None:
         s = start // lctx.world
         node.args = (node.args[0], dim, s, s + length // lctx.world, *node.args[4:])
