@@ -41,15 +41,22 @@ def _layer_key(raw: dict) -> str:
     return next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in raw), "num_hidden_layers")
 
 
+def meta_model(cfg, dtype=None):
+    """The config's causal LM on the meta device (no memory), in ``dtype`` if given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.to(dtype) if dtype is not None else model
+
+
 def plan_from_config(cfg, tp: int, *, training: bool = True, sequence_parallel: bool = False, labels: bool = False):
     """Build the model on the meta device and plan it for ``tp`` ranks.  ``labels``: the example
     passes ``labels=`` so the loss is in the graph, with sharded outputs (a training step reads
     the loss; the logits may stay split along the vocabulary)."""
     import torch
-    from transformers import AutoModelForCausalLM
     import autotp
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    model = meta_model(cfg)
     # Example ids on the meta device too: a vocab-parallel embedding of meta weights with CPU ids
     # fails the local-shape check (meta/cpu device mismatch).
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device="meta")
@@ -83,7 +90,33 @@ def cmd_plan(args) -> int:
             est = plan.memory(args.batch, args.seq, DTYPES[args.dtype], optimizer=args.optimizer, dp=args.dp,
                               activation_checkpointing=checkpointing, device_gb=args.device_gb)
         print(est.text())
+    if args.decode:
+        print(decode_text(cfg, plan, args.tp, args.batch, args.seq, args.dtype, args.top_k))
     return 0
+
+
+def decode_text(cfg, plan, tp: int, batch: int, length: int, dtype: str, top_k: int) -> str:
+    """What one decode step of ``generate`` moves and holds per rank: its plan
+    (``autotp.generation.DecodePlan``, pinned to ``plan``'s weight placements, traced on the meta
+    device in ``dtype``) at ``batch`` rows and a cache of ``length`` tokens."""
+    from autotp.generation import DecodePlan
+    from autotp.placement import fmt
+    from autotp.report import DTYPES
+    with _status(f"planning the decode step for TP {tp} ..."):
+        step = DecodePlan(meta_model(cfg, DTYPES[dtype]), plan.placements, tp, trace_device="meta")
+    counts, greedy = step.decode_traffic(batch, length, k=1)
+    sampled, gathered = (step.decode_traffic(batch, length, k=k)[1] for k in (top_k, None))
+    mine, full = step.cache_bytes(batch, length)
+    per_layer = {k: dict(v) for k, v in step.plan.counts()["per_layer_forward"].items() if k is not None}
+    typical = max(per_layer.values(), key=lambda c: sum(c.values()), default={})
+    return "\n".join([
+        f"Decode step (generate): {cfg.num_hidden_layers} layers, batch {batch}, cache {length} tokens, {dtype}, TP {tp}",
+        f"  collectives per step: {dict(sorted(counts.items()))} (a typical layer: {typical}; the token "
+        f"exchange included)",
+        f"  bytes per step: greedy {greedy:,}; top-k {top_k} sampling {sampled:,}; top-p / min-p / penalties "
+        f"(the (batch, vocab) logits gathered) {gathered:,}",
+        f"  logits {fmt(step.vocab.placement)} of vocab {step.vocab.size}; KV cache per rank {mine:,} B "
+        f"({mine / 2**30:.2f} GiB) of {full:,} B unsharded"])
 
 
 def cmd_dump(args) -> int:
@@ -162,6 +195,9 @@ def parser() -> argparse.ArgumentParser:
                    help="activation checkpointing per layer (with --memory)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
     p.add_argument("--device-gb", type=float, default=80.0, help="device memory to check the peak against")
+    p.add_argument("--decode", action="store_true", help="also what one decode step of generate moves and holds per "
+                   "rank (batch --batch, a cache of --seq tokens)")
+    p.add_argument("--top-k", type=int, default=50, help="top_k of the sampling row of --decode (default 50)")
     p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("dump", help="write each pass's graph as text and SVG")

@@ -199,24 +199,21 @@ def _probe_cache(twin: nn.Module, device: torch.device) -> list[tuple]:
     return layers
 
 
-class Generator:
-    """The decode-step plan and its rank-local graph for one ``ParallelModule``.
+class DecodePlan:
+    """The decode step of ``model`` planned for ``world_size`` ranks, with the weights placed as
+    ``placements`` (the forward plan's): no mesh, no weights.  Made once per ``ParallelModule``
+    by its ``Generator``, or beforehand (on the meta device, or once in a launcher for every
+    rank) and handed to it: ``Generator(pmodel, decode=...)``.
 
-    ``plan``: the decode step's ``autotp.Plan`` (``plan.counts()``, ``plan.summary()``);
-    ``cache_placements``: the placement of each layer's keys and values;
-    ``cache_bytes(batch, length)``: (this rank's cache bytes, the unsharded cache's bytes).
-    """
+    ``plan``: the step's ``autotp.Plan``; ``cache_placements``: [(cache input name, placement)];
+    ``vocab``: the placement and size of the step's logits;  ``cache_bytes`` and
+    ``decode_traffic`` answer what a step holds and moves, for any batch and length."""
 
-    def __init__(self, pmodel, trace_device: str | torch.device | None = None):
+    def __init__(self, model: nn.Module, placements: dict, world_size: int, trace_device=None):
         from autotp.plan import make_plan
-        source = getattr(pmodel, "source_model", None)
-        if source is None:
-            raise AutoTPError("autotp.generate takes the ParallelModule that autotp.parallelize returned")
-        self.pmodel, self.mesh = pmodel, pmodel.mesh
-        local = [p.to_local() for p in pmodel.parameters() if hasattr(p, "to_local")]
-        self.device = local[0].device if local else mesh_device(self.mesh)
+        device = torch.device(trace_device) if trace_device is not None else _model_device(model)
         # trace on meta (no memory), or in place for a CPU model; ``trace_device="meta"`` forces meta
-        twin = _twin(source, torch.device(trace_device) if trace_device is not None else self.device)
+        twin = _twin(model, device)
         twin.eval()
         dev = next(twin.parameters()).device
         layers = _probe_cache(twin, dev)
@@ -229,16 +226,115 @@ class Generator:
         kv = [torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_LEN, h, d, dtype=dt, device=dev)
               for h, dk, dv, dt in layers for d in (dk, dv)]
         self.takes_positions = takes_positions
-        fixed = 3 + takes_positions                   # inputs before the cache
-        self._fixed = fixed
+        self.fixed = 3 + takes_positions                 # inputs before the cache
+        self.world = world_size
         names = {n for n, _ in step.named_parameters()}
-        pins = {n: p for n, p in pmodel.plan.placements.items() if n in names}   # the forward's shards
-        world = self.mesh.size()
+        pins = {n: p for n, p in placements.items() if n in names}   # the forward's shards
         # sharded_outputs: the logits stay as the plan computes them (split by vocab), and
         # autotp.decoding moves only what the next token needs (see Generator.vocab)
-        self.plan = make_plan(step, (ids, mask, *positions, start, *kv), world_size=world, overrides=pins, training=False,
-                              plan_seq=1, carried_state={1 + i: fixed + i for i in range(len(kv))},
+        self.plan = make_plan(step, (ids, mask, *positions, start, *kv), world_size=world_size, overrides=pins,
+                              training=False, plan_seq=1, carried_state={1 + i: self.fixed + i for i in range(len(kv))},
                               sharded_outputs=True, dump=False)
+        nodes = {n.name: n for n in self.plan.gm.graph.nodes}
+        cache_names = self.plan.captured.user_inputs[self.fixed:]
+        self.cache_placements = [(name, _placement(nodes[name])) for name in cache_names]
+        self._cache_vals = {name: nodes[name].meta["val"] for name in cache_names}
+
+    @property
+    def vocab(self) -> "VocabLayout":
+        """Where the step's last logits ``(B, 1, V)`` lie, as the rewritten graph gives them (after
+        any settling collective), the same on every rank (read as rank 0's)."""
+        logits = next(n for n in self.plan.rewritten().graph.nodes if n.op == "output").args[0][0]
+        return VocabLayout.of(logits, self.world, 0, "")
+
+    def local_cache_shape(self, name: str, placement, batch: int, length: int) -> list[int]:
+        shape = [batch, length, *(int(s) for s in self._cache_vals[name].shape[2:])]
+        return local_shape(shape, placement, self.world)
+
+    def cache_dtype(self, name: str) -> torch.dtype:
+        return self._cache_vals[name].dtype
+
+    def cache_bytes(self, batch: int, length: int) -> tuple[int, int]:
+        """(bytes of one rank's cache, bytes of the unsharded model's cache) for ``batch`` x ``length``."""
+        mine = full = 0
+        for name, p in self.cache_placements:
+            size = self.cache_dtype(name).itemsize
+            mine += size * _prod(self.local_cache_shape(name, p, batch, length))
+            full += size * _prod(self.local_cache_shape(name, None, batch, length))
+        return mine, full
+
+    def decode_traffic(self, batch: int, length: int, k: int | None = 1) -> tuple[dict, int]:
+        """What one decode step (one new token per row, a cache of ``length`` slots) moves in
+        forward: ({collective: count}, bytes), the step graph's collectives plus the exchange
+        that picks the token from vocab-split logits: ``k`` (value, index) pairs per row and
+        rank (``k = 1`` greedy, ``top_k`` when sampling; None: the whole (B, V) row gathered, for
+        top-p, min-p and penalties).  Bytes are the full tensors moved (``Collective.sym_bytes``),
+        as ``Plan.collectives`` counts them."""
+        counts = dict(self.plan.counts()["forward"])
+        moved = 0
+        for c in self.plan.collectives():
+            if not c.forward:
+                continue
+            subs = {sym: batch if str(sym) == "batch" else 1 if str(sym) == "seq" else length
+                    for sym in c.sym_bytes.free_symbols}
+            moved += int(c.sym_bytes.subs(subs))
+        vocab = self.vocab
+        if vocab.sharded:                      # the (value, index) pairs or the gathered row
+            counts["all_gather"] = counts.get("all_gather", 0) + 1
+            moved += vocab.exchange_bytes(batch, k)
+        return counts, moved
+
+    def describe(self) -> str:
+        c = self.plan.counts()
+        per_layer = {k: dict(v) for k, v in c["per_layer_forward"].items() if k is not None}
+        heads = sorted({fmt(p) for _, p in self.cache_placements})
+        return (f"decode step: collectives {dict(c['forward'])}, per layer {per_layer}; logits "
+                f"{fmt(self.vocab.placement)} (batch, 1, vocab); KV cache placement {', '.join(heads)} "
+                f"(batch, length, kv_heads, head_dim)")
+
+
+def _placement(node: fx.Node):
+    return node.meta.get("autotp", {}).get("placement", R) or R
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class Generator:
+    """The decode-step plan (``DecodePlan``) and its rank-local graph for one ``ParallelModule``.
+
+    ``plan``: the decode step's ``autotp.Plan`` (``plan.counts()``, ``plan.summary()``);
+    ``cache_placements``: the placement of each layer's keys and values;
+    ``cache_bytes(batch, length)``: (this rank's cache bytes, the unsharded cache's bytes).
+    ``decode``: a ``DecodePlan`` made beforehand for this module's model and world size (checked
+    by its plan's fingerprint, the same on every rank), or None to plan here.
+    """
+
+    def __init__(self, pmodel, trace_device: str | torch.device | None = None, decode: DecodePlan | None = None):
+        source = getattr(pmodel, "source_model", None)
+        if source is None:
+            raise AutoTPError("autotp.generate takes the ParallelModule that autotp.parallelize returned")
+        self.pmodel, self.mesh = pmodel, pmodel.mesh
+        local = [p.to_local() for p in pmodel.parameters() if hasattr(p, "to_local")]
+        self.device = local[0].device if local else mesh_device(self.mesh)
+        world = self.mesh.size()
+        if decode is None:
+            decode = DecodePlan(source, pmodel.plan.placements, world,
+                                trace_device if trace_device is not None else self.device)
+        elif decode.world != world:
+            raise AutoTPError(f"the decode plan was made for {decode.world} ranks, this module runs on {world}")
+        else:
+            forward = pmodel.plan.placements
+            for name, p in decode.plan.placements.items():
+                if name in forward and forward[name] != p:
+                    raise AutoTPError(f"the decode plan places `{name}` {fmt(p)}, this module's plan {fmt(forward[name])}: "
+                                      f"make the DecodePlan from this module's plan (DecodePlan(model, "
+                                      f"pmodel.plan.placements, world_size))")
+        self.decode_plan, self.plan = decode, decode.plan
+        self.takes_positions, self._fixed = decode.takes_positions, decode.fixed
         if world > 1:
             check_same_plan(self.plan, self.mesh)
         rank, group = self.mesh.get_local_rank(), self.mesh.get_group().group_name
@@ -258,11 +354,8 @@ class Generator:
 
     def _vocab_layout(self, gm: fx.GraphModule) -> "VocabLayout":
         """How the step's logits output ``(B, 1, V)`` lies on the ranks (``VocabLayout``)."""
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        logits = out.args[0][0]
-        v = logits.meta["val"]
-        placement = normalize(logits.meta.get("autotp", {}).get("placement", R) or R, v.ndim)
-        return VocabLayout(placement, int(v.shape[-1]), self.mesh.size(), self.rank, self.group_name)
+        logits = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+        return VocabLayout.of(logits, self.mesh.size(), self.rank, self.group_name)
 
     # ---- what the graph reads
     def _cache_inputs(self, gm: fx.GraphModule) -> list[tuple[fx.Node, object]]:
@@ -340,52 +433,22 @@ class Generator:
         return self._static_cache[1]
 
     # ---- the cache
-    def _local_cache_shape(self, node: fx.Node, placement, batch: int, length: int) -> list[int]:
-        shape = [batch, length, *node.meta["val"].shape[2:]]
-        shape = [int(s) for s in shape]
-        return local_shape(shape, placement, self.mesh.size())
-
     def new_cache(self, batch: int, length: int) -> list[torch.Tensor]:
         """This rank's cache for ``batch`` sequences of up to ``length`` tokens: zeros, split as planned."""
-        return [torch.zeros(self._local_cache_shape(n, p, batch, length), dtype=n.meta["val"].dtype, device=self.device)
-                for n, p in self.cache_placements]
+        d = self.decode_plan
+        return [torch.zeros(d.local_cache_shape(n.name, p, batch, length), dtype=d.cache_dtype(n.name),
+                            device=self.device) for n, p in self.cache_placements]
 
     def cache_bytes(self, batch: int, length: int) -> tuple[int, int]:
         """(bytes of this rank's cache, bytes of the unsharded model's cache) for ``batch`` x ``length``."""
-        mine = full = 0
-        for n, p in self.cache_placements:
-            size = n.meta["val"].dtype.itemsize
-            local = self._local_cache_shape(n, p, batch, length)
-            whole = self._local_cache_shape(n, None, batch, length)
-            mine += size * _prod(local)
-            full += size * _prod(whole)
-        return mine, full
+        return self.decode_plan.cache_bytes(batch, length)
 
     def describe(self) -> str:
-        c = self.plan.counts()
-        per_layer = {k: dict(v) for k, v in c["per_layer_forward"].items() if k is not None}
-        heads = sorted({fmt(p) for _, p in self.cache_placements})
-        return (f"decode step: collectives {dict(c['forward'])}, per layer {per_layer}; logits {fmt(self.vocab.placement)} "
-                f"(batch, 1, vocab); KV cache placement {', '.join(heads)} (batch, length, kv_heads, head_dim)")
+        return self.decode_plan.describe()
 
     def decode_traffic(self, batch: int, length: int, k: int = 1) -> tuple[dict, int]:
-        """What one decode step (one new token per row, a cache of ``length`` slots) moves in
-        forward: ({collective: count}, bytes), the step graph's collectives plus the exchange
-        that picks the token from vocab-split logits: ``k`` (value, index) pairs per row and
-        rank (``k = 1`` greedy, ``top_k`` when sampling).  Bytes are the full tensors moved
-        (``Collective.sym_bytes``), as ``Plan.collectives`` counts them."""
-        counts = dict(self.plan.counts()["forward"])
-        moved = 0
-        for c in self.plan.collectives():
-            if not c.forward:
-                continue
-            subs = {sym: batch if str(sym) == "batch" else 1 if str(sym) == "seq" else length
-                    for sym in c.sym_bytes.free_symbols}
-            moved += int(c.sym_bytes.subs(subs))
-        if self.vocab.sharded:                 # the (value, index) pairs or the gathered row
-            counts["all_gather"] = counts.get("all_gather", 0) + 1
-            moved += self.vocab.exchange_bytes(batch, k)
-        return counts, moved
+        """``DecodePlan.decode_traffic``: what one decode step moves in forward."""
+        return self.decode_plan.decode_traffic(batch, length, k)
 
     # ---- generation
     def run(self, batch: int, length: int, compile_options: dict | None = None) -> "DecodeRun":
@@ -409,11 +472,12 @@ def generate(pmodel, input_ids: torch.Tensor, *args, **kwargs):
     return generator(pmodel).generate(input_ids, *args, **kwargs)
 
 
-def generator(pmodel) -> Generator:
-    """The ``Generator`` of a ``ParallelModule`` (planned once, then reused)."""
+def generator(pmodel, decode: DecodePlan | None = None) -> Generator:
+    """The ``Generator`` of a ``ParallelModule`` (planned once, then reused), or a new one for
+    the ``DecodePlan`` given."""
     gen = getattr(pmodel, "_autotp_generator", None)
-    if gen is None:
-        gen = Generator(pmodel)
+    if gen is None or decode is not None:
+        gen = Generator(pmodel, decode=decode)
         object.__setattr__(pmodel, "_autotp_generator", gen)
     return gen
 
@@ -497,19 +561,26 @@ class VocabLayout:
     ``lm_head`` is column-parallel: rank r holds vocab ids ``offset .. offset + V/N - 1``).
     ``sharded`` when the token must be picked from slices (``autotp.decoding``)."""
 
-    def __init__(self, placement, vocab: int, world: int, rank: int, group: str):
+    def __init__(self, placement, vocab: int, world: int, rank: int, group: str, itemsize: int = 4):
         self.placement, self.size, self.world, self.rank, self.group = placement, vocab, world, rank, group
+        self.itemsize = itemsize                 # of the logits, gathered as they come
         self.sharded = world > 1 and placement != R
         # contiguous slices (a plain shard of the last dim) allow the local argmax / top-k
         self.contiguous = is_shard(placement) and shard_dim(placement) == 2 and split_factor(placement) == 1
         self.local = vocab // world if self.contiguous else vocab
         self.offset = rank * self.local if self.contiguous else 0
 
-    def exchange_bytes(self, batch: int, k: int) -> int:
-        """Bytes of the (value, index) exchange: N x B x k pairs of float64 (or, when the
-        slices are not contiguous, the gathered (B, V) fp32 logits)."""
-        if not self.contiguous:
-            return batch * self.size * 4
+    @classmethod
+    def of(cls, logits: fx.Node, world: int, rank: int, group: str) -> "VocabLayout":
+        """The layout of a step graph's logits output node."""
+        v = logits.meta["val"]
+        return cls(normalize(_placement(logits), v.ndim), int(v.shape[-1]), world, rank, group, v.dtype.itemsize)
+
+    def exchange_bytes(self, batch: int, k: int | None) -> int:
+        """Bytes of the (value, index) exchange: N x B x k pairs of float64; or, with ``k`` None
+        or slices that are not contiguous, of the gathered (B, V) logits."""
+        if k is None or not self.contiguous:
+            return batch * self.size * self.itemsize
         return self.world * batch * min(k, self.local) * 2 * 8
 
 

@@ -73,9 +73,7 @@ def _worker(rank, world, tmp, batches, prompt, new, reps):
             ours, hf = _interleaved(lambda x, n: pmodel.generate(x, max_new_tokens=n), hf_run, ids, new, reps)
         gen = generator(pmodel)
         counts, step_bytes = gen.decode_traffic(batch, prompt + new)
-        gathering = step_bytes
-        if gen.vocab.sharded:                                   # the exchange replaced by a logits all-gather
-            gathering += batch * gen.vocab.size * 4 - gen.vocab.exchange_bytes(batch, 1)
+        gathering = gen.decode_traffic(batch, prompt + new, k=None)[1]     # the exchange replaced by a logits all-gather
         rows.append((batch, ours, hf, counts, (step_bytes, gathering), (load, os.getloadavg()[0])))
     if rank == 0:
         with open(os.path.join(tmp, f"gen{world}.txt"), "w") as f:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 PLANS: dict = {}      # key -> a plan made in the parent before the ranks fork (``plan_ahead``)
+DECODES: dict = {}    # key -> the decode step's plan for that plan (``plan_ahead(..., decode=True)``)
 
 
 def _worker(rank, world, tmp, cases, timeout_s):
@@ -43,16 +44,25 @@ def case(results: list[dict], name: str) -> list:
     return [res[name] for res in results]
 
 
-def plan_ahead(key, model, args, kwargs=None, *, world: int, **options) -> None:
+def plan_ahead(key, model, args, kwargs=None, *, world: int, decode: bool = False, **options) -> None:
     """Plan ``model`` here, once, for the ranks ``run_cases`` forks next: each rank then passes
     ``**planned(key)`` to ``autotp.parallelize`` instead of exporting and solving the same model
     again (on CI's 2 cores, 4 ranks planning is most of a case's time).  ``options``: make_plan's
     (``dp_sharded=True`` for the tp dim of an FSDP2 mesh).  Whether ranks plan alike is
-    ``check_same_plan``'s test (tests/test_moe.py), not these."""
+    ``check_same_plan``'s test (tests/test_moe.py), not these.  ``decode``: the decode step's
+    plan too (``autotp.generation.DecodePlan``; ``generator(pmodel, decode=planned_decode(key))``)."""
     from autotp.plan import make_plan
     PLANS[key] = make_plan(model, args, kwargs, world_size=world, **options)
+    if decode:
+        from autotp.generation import DecodePlan
+        DECODES[key] = DecodePlan(model, PLANS[key].placements, world)
 
 
 def planned(key) -> dict:
     """``parallelize``'s keyword for the plan ``plan_ahead(key, ...)`` made ({} if none)."""
     return {"plan": PLANS[key]} if key in PLANS else {}
+
+
+def planned_decode(key):
+    """The decode plan ``plan_ahead(key, ..., decode=True)`` made (None if none)."""
+    return DECODES.get(key)

@@ -69,3 +69,26 @@ def test_verify_two_ranks_matches_one_device():
     assert "PASS" in r.stdout
     ranks = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(ranks) == 2 and all(float(x) <= 1e-5 for row in ranks for x in row[1:4])
+
+
+def test_plan_decode_step(capsys):
+    """--decode: what a decode step of generate moves per rank, from the config alone (meta device):
+    2 all-reduces per layer + the embedding's all-gather and the token exchange, bytes for greedy,
+    top-k and a gathered row, and the KV cache split by kv heads."""
+    path = CONFIGS / "llama-tiny.json"
+    cfg = json.loads(path.read_text())
+    batch, length, tp = 4, 64, 2
+    assert main(["plan", str(path), "--tp", str(tp), "--batch", str(batch), "--seq", str(length), "--dtype", "bf16",
+                 "--inference", "--decode", "--top-k", "5"]) == 0
+    out = capsys.readouterr().out
+    decode = out[out.index("Decode step (generate)"):]
+    layers, hidden, vocab = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    assert f"{{'all_gather': 2, 'all_reduce': {2 * layers}}}" in decode, decode
+    # every collective but the exchange moves (batch, 1, hidden) bf16 values; the exchange tp x batch
+    # x k (value, index) pairs of float64, or the (batch, vocab) bf16 row
+    rest = (2 * layers + 1) * batch * hidden * 2
+    assert f"greedy {rest + tp * batch * 16:,}; top-k 5 sampling {rest + tp * batch * 5 * 16:,}" in decode, decode
+    assert f"gathered) {rest + batch * vocab * 2:,}" in decode, decode
+    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    full = layers * 2 * batch * length * kv * (hidden // cfg["num_attention_heads"]) * 2
+    assert f"logits S(2) of vocab {vocab}; KV cache per rank {full // tp:,} B" in decode and f"of {full:,} B" in decode

@@ -135,6 +135,15 @@ def _errors(pmodel, ids, mask) -> dict:
         except autotp.AutoTPError as e:
             out[key] = str(e)
     out["zero_new"] = (pmodel.generate(ids, attention_mask=mask, max_new_tokens=0).tolist(), ids.tolist())
+    # a decode plan made for other weight placements (all replicated here) is refused
+    from autotp.generation import DecodePlan, generator
+    from autotp.placement import R
+    other = DecodePlan(pmodel.source_model, {n: R for n in pmodel.plan.placements}, dist.get_world_size())
+    try:
+        generator(pmodel, decode=other)
+        out["other_decode_plan"] = "no error"
+    except autotp.AutoTPError as e:
+        out["other_decode_plan"] = str(e)
     # ranks that pass different prompts, or different arguments, are told so (not paired collectives
     # of different sizes, a hang, or different tokens on each rank)
     rank = dist.get_rank()
@@ -299,6 +308,8 @@ def test_bad_input_gets_clear_errors(per_rank):
     assert "num_beams" in errors["beams"] or "beam" in errors["beams"]
     assert "attention_mask" in errors["mask_shape"]
     assert "input_ids is empty" in errors["empty"]
+    assert "the decode plan places `" in errors["other_decode_plan"] and "make the DecodePlan from this module's plan" \
+        in errors["other_decode_plan"], errors["other_decode_plan"]
     assert "ranks passed different inputs: `input_ids` differs" in errors["other_prompt"], errors["other_prompt"]
     assert "`max_new_tokens` differs (rank 0: 2, rank 1: 3)" in errors["other_length"], errors["other_length"]
     got, prompt = errors["zero_new"]
@@ -377,10 +388,11 @@ def _n4_family_greedy(name) -> dict:
     ``repetition_penalty``, each against the unsharded model's ``generate`` with the same kwargs."""
     import autotp
     from autotp.generation import generator
-    from ranks import planned
+    from ranks import planned, planned_decode
     model, ids, mask = _n4_family_example(name)
     reference = copy.deepcopy(model)
     pmodel = autotp.parallelize(model, (ids,), **planned(f"n4/{name}"))
+    generator(pmodel, decode=planned_decode(f"n4/{name}"))
 
     def equal(**kw):
         kw = dict(do_sample=False, max_new_tokens=NEW, pad_token_id=1, **kw)
@@ -397,11 +409,11 @@ def _n4_family_greedy(name) -> dict:
 def _n4_cases():
     import autotp
     from autotp.generation import generator
-    from ranks import planned
+    from ranks import planned, planned_decode
     model, ids, mask = _n4_example()
     reference = copy.deepcopy(model)
     pmodel = autotp.parallelize(model, (ids,), **planned("n4"))
-    gen = generator(pmodel)
+    gen = generator(pmodel, decode=planned_decode("n4"))
 
     def equal(**kw):
         torch.manual_seed(1234)
@@ -487,10 +499,10 @@ def _n4_cases():
 def n4():
     from ranks import plan_ahead, run_cases
     model, ids, _ = _n4_example()
-    plan_ahead("n4", model, (ids,), world=WORLD4)
-    for name in N4_FAMILIES:                                # each family's forward, planned once here
+    plan_ahead("n4", model, (ids,), world=WORLD4, decode=True)
+    for name in N4_FAMILIES:                                # each family's forward and decode step, planned once here
         model, ids, _ = _n4_family_example(name)
-        plan_ahead(f"n4/{name}", model, (ids,), world=WORLD4)
+        plan_ahead(f"n4/{name}", model, (ids,), world=WORLD4, decode=True)
     return run_cases(_n4_cases, WORLD4, timeout_s=300)
 
 
