@@ -33,18 +33,19 @@ __version__ = "0.1.0"
 def plan(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, world_size: int,
          strict: bool = False, link="nvlink-h100", overrides: dict | None = None, training: bool = True,
          sharded_outputs: bool = False, sequence_parallel: bool = False, max_activation_bytes: float | None = None,
-         param_dtype: torch.dtype | None = None, dump=None) -> Plan:
+         param_dtype: torch.dtype | None = None, memory_budget: float | str | None = None, dump=None) -> Plan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks, in this one process.
 
     Needs no process group and no weights: a model on the meta device plans the same way.
     ``overrides`` pins parameter placements by glob (``{"*.down_proj.weight": Replicate()}``);
     ``strict`` makes an op with no sharding rule an error instead of running replicated.
     ``param_dtype``: plan as if the parameters were in that dtype (as ``parallelize``).
+    ``memory_budget``: weight bytes per rank the plan may use (as ``parallelize``).
     """
     return make_plan(model, example_inputs, example_kwargs, world_size=world_size, strict=strict, link=link,
                      overrides=overrides, training=training, sharded_outputs=sharded_outputs,
                      sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
-                     param_dtype=param_dtype, dump=dump)
+                     param_dtype=param_dtype, memory_budget=memory_budget, dump=dump)
 
 
 def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mesh=None,
@@ -52,7 +53,8 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
                 sharded_outputs: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
                 check_plan: bool = True, check_inputs: bool = False, sequence_parallel: bool = False,
                 max_activation_bytes: float | None = None, activation_checkpointing: str | None = None,
-                param_dtype: torch.dtype | None = None, plan: Plan | None = None, dump=None) -> ParallelModule:
+                param_dtype: torch.dtype | None = None, memory_budget: float | str | None = None,
+                plan: Plan | None = None, dump=None) -> ParallelModule:
     """Shard ``model`` over the "tp" dimension of ``mesh`` (default: every rank) and return the
     rank-local module.  Outputs equal the unsharded model's (replicated on every rank, or as
     DTensors in the plan's placement with ``sharded_outputs=True``: shards or replicated, never
@@ -89,6 +91,13 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
     ``pmodel.blocks()`` and to ``pmodel`` (docs/fsdp2.md, "Mixed precision").  None: the
     parameters' own dtype.
 
+    ``memory_budget``: the weight bytes per rank the plan may use (a number, or a string such
+    as "40GiB" / "12 GB"), to spend on replicating weights where that makes a step faster
+    (fewer collectives, weighed against the compute it repeats); by default the least any plan
+    needs, plus what keeping kv heads whole costs when there are fewer kv heads than ranks.  The
+    plan's notes say what it spent and saved.  (Weights only: ``Plan.memory`` estimates a whole
+    training step's peak.)
+
     ``plan``: a plan made beforehand (``autotp.plan`` with the same example and options, e.g.
     once for a job on the meta device) instead of planning on every rank; it must be for this
     mesh's size and this model's parameter names and shapes (checked).  The planning options
@@ -105,7 +114,8 @@ def parallelize(model: torch.nn.Module, example_inputs=(), example_kwargs: dict 
         p = make_plan(model, example_inputs, example_kwargs, world_size=mesh.size(), strict=strict, link=link,
                       overrides=overrides, training=True, sharded_outputs=sharded_outputs,
                       sequence_parallel=sequence_parallel, max_activation_bytes=max_activation_bytes,
-                      dump=dump if rank0 else False, dp_sharded=dp_sharded, param_dtype=param_dtype)
+                      dump=dump if rank0 else False, dp_sharded=dp_sharded, param_dtype=param_dtype,
+                      memory_budget=memory_budget)
     if check_plan and mesh.size() > 1:
         check_same_plan(p, mesh)
     return ParallelModule(model, p, mesh, check_inputs=check_inputs, activation_checkpointing=activation_checkpointing)

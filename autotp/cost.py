@@ -37,6 +37,34 @@ LINKS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    peak: dict            # dtype -> dense tensor-core FLOP/s
+    note: str = ""
+
+
+def _devices() -> dict:
+    import torch
+    return {
+        "h100-sxm": Device("h100-sxm", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494.5e12},
+                           "H100 SXM dense tensor-core peak: bf16/fp16 989 TFLOP/s, tf32 494.5 TFLOP/s"),
+        "a100": Device("a100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
+                       "A100 SXM dense tensor-core peak: bf16/fp16 312 TFLOP/s, tf32 156 TFLOP/s"),
+    }
+
+
+DEVICES = _devices()
+
+
+def compute_time(flops: float, dtype, device="h100-sxm") -> float:
+    """Seconds for ``flops`` of matmul-class work at ``device``'s dense peak for ``dtype`` (a
+    lower bound: the solver weighs compute against communication with it, the way the report's
+    scaling section does)."""
+    d = device if isinstance(device, Device) else DEVICES[device]
+    return flops / d.peak.get(dtype, d.peak[next(iter(d.peak))])
+
+
 def get_link(link) -> Link:
     """A preset name, a ``Link`` or a bandwidth in bytes/s."""
     if isinstance(link, Link):

@@ -445,12 +445,28 @@ def _expand_overrides(overrides: dict | None, names: list[str]) -> dict[str, Pla
     return pins
 
 
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(value, name: str) -> float | None:
+    """A byte count: a number, or a string such as "40GiB", "12 GB", "512MiB"."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else float(value)
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise AutoTPError(f"{name}={value!r}: give bytes as a number or a string such as '40GiB', '12 GB', '512MiB'")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
 def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, world_size: int,
               strict: bool = False, link="nvlink-h100", overrides=None, training: bool = True,
               sharded_outputs: bool = False, dynamic: bool = True, plan_batch: int = 4,
               plan_seq: int = 2048, sequence_parallel: bool = False, carried_state: dict | None = None,
               max_activation_bytes: float | None = None, dump=None, dp_sharded: bool = False,
-              param_dtype: torch.dtype | None = None) -> Plan:
+              param_dtype: torch.dtype | None = None, memory_budget: float | str | None = None,
+              device: str = "h100-sxm") -> Plan:
     """``param_dtype``: plan the graph the model computes with its floating-point parameters in
     that dtype (``capture.params_as``; the parameters themselves stay as they are): every tensor
     the graph derives from them, and so every activation and collective the cost model prices,
@@ -486,7 +502,8 @@ def make_plan(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *,
                       buffers=captured.buffers, user_inputs=captured.user_inputs, plan_sizes=plan_sizes,
                       size_names={sym: str(name) for sym, name in captured.symbols.items()},
                       sequence_parallel=sequence_parallel, dp_sharded=dp_sharded,
-                      max_activation_mib=None if max_activation_bytes is None else max_activation_bytes / 2**20)
+                      max_activation_mib=None if max_activation_bytes is None else max_activation_bytes / 2**20,
+                      memory_budget=parse_bytes(memory_budget, "memory_budget"), device=device)
     ctx.state_outputs = {o: captured.user_inputs[i] for o, i in (carried_state or {}).items()}
     for node in captured.gm.graph.nodes:
         v = node.meta.get("val")

@@ -37,19 +37,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 
 
-@dataclasses.dataclass(frozen=True)
-class Device:
-    name: str
-    peak: dict            # dtype -> dense tensor-core FLOP/s
-    note: str = ""
-
-
-DEVICES = {
-    "h100-sxm": Device("h100-sxm", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494.5e12},
-                       "H100 SXM dense tensor-core peak: bf16/fp16 989 TFLOP/s, tf32 494.5 TFLOP/s"),
-    "a100": Device("a100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
-                   "A100 SXM dense tensor-core peak: bf16/fp16 312 TFLOP/s, tf32 156 TFLOP/s"),
-}
+from autotp.cost import DEVICES, Device  # noqa: E402,F401  (the presets live with the cost model)
 
 # The source article's Llama-70B numbers (see DESIGN.md); article_check compares against them.
 ARTICLE = dict(d_model=8192, layers=80, batch=4, seq=2048, itemsize=2, world=8, bytes_per_all_reduce=134_217_728,

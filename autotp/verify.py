@@ -86,6 +86,7 @@ def _counts(mode) -> dict:
 
 # parallelize's options that make the plan (a plan made beforehand carries them)
 _PLAN_OPTIONS = ("strict", "link", "overrides", "sharded_outputs", "sequence_parallel", "max_activation_bytes",
+                 "memory_budget",
                  "param_dtype")
 
 

@@ -56,6 +56,10 @@ class PassContext:
     # counts it): the fastest plan within it — sequence parallelism only where the cap needs it
     max_activation_mib: float | None = None
     dp_sharded: bool = False
+    # weight bytes per rank the plan may use (``make_plan(memory_budget=)``); None: the least
+    # any plan needs plus what keeping kv heads whole costs (``solve``'s docstring)
+    memory_budget: float | None = None
+    device: str = "h100-sxm"          # the FLOP/s preset (``autotp.cost.DEVICES``) compute time is weighed at
 
     @property
     def activation_terms(self) -> bool:

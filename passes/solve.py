@@ -27,14 +27,15 @@ Objective: the fastest plan within a weight-memory budget, in levels
     1. memory:  M* = min sum_k y[w,k] * bytes(w) * frac(k) over weight matrices w (parameters
        with >= 2 dims and >= 1/10 of the median matrix); frac(k) = the part of w one rank holds
        (1/N for a shard, 1/a for Grid(S(d), R, a), 1 replicated).
-       The budget is B = M* + A.  A, the replication allowance, is what keeping whole kv heads
+       The budget is B = M* + A, or the user's ``memory_budget`` (>= M*, else an error).
+       A, the replication allowance, is what keeping whole kv heads
        costs: for every weight computing the k or v of an attention with H_kv < N kv heads
        (``rules/attention.kv_head_groups``), the bytes of its Grid(S(d), R, H_kv) strategy
        (replicated for MQA) minus its cheapest.  A = 0 on a model without such attention, so
        its plan is exactly the least-memory one, as before.  Levels 1b and 2 hold
        sum_k y[w,k] * bytes(w) * frac(k) <= B; when the plan found uses more than M*, a last
        level (3) minimises memory at its time, and the plan notes the bytes spent and the
-       time saved against the best plan at M*.
+       time saved against the best plan at M* (kv heads kept whole; ``memory_budget``).
    (1b. activations, with ``sequence_parallel``: minimise the bytes of every floating
        activation per rank, sum_k y[v,k] * bytes(v) / (N if k shards v's output else 1), plus
        the outputs of the redistributions r, with weight memory within the budget.  On a
@@ -43,8 +44,15 @@ Objective: the fastest plan within a weight-memory budget, in levels
        instead, the activation bytes are a constraint (<= the cap) on level 2, not a level:
        the fastest plan that fits, which splits the sequence only as far as the cap needs.)
     2. time:    minimise sum r[t,q,p] * T(q->p, t) + sum z[t] * T_allreduce(t) + eps * (#sharded ops)
-       - sum g[t] * (T_allreduce(t) - T_reduce_scatter(t))
-       with memory within the budget.  g[t] <= z[t], g[t] <= [t is produced sharded]: a
+       - sum g[t] * (T_allreduce(t) - T_reduce_scatter(t)) + sum_k y[v,k] * C(v,k)
+       with memory within the budget.  (compute) C(v,k): the time of the matmul-class FLOPs
+       (linear, attention, what ``torch.utils.flop_counter`` counts; ``passes/flops.py``) one
+       rank runs for node v under strategy k — its inputs' local shapes — at the device's peak
+       (``autotp.cost.compute_time``), x3 when v's gradient is computed: a replicated matmul
+       pays for its repeated work.  Within the default budget this only orders plans of equal
+       weight memory; it is what makes a larger ``memory_budget`` buy replication only where a
+       collective costs more than the compute it repeats (on Llama-70B's shape at TP 8 the
+       layers stay Megatron's: 2 all-reduces each).  g[t] <= z[t], g[t] <= [t is produced sharded]: a
        sharded tensor all-gathered for sharded consumers needs no all-reduce of its gradient,
        only a reduce-scatter (the fused gather's backward, ``comm.all_gather_rs``).  Only "large" weights count in 1 (``large_weights``):
        a small matrix such as a MoE router may stay replicated when splitting it would cost a
@@ -63,10 +71,10 @@ import torch
 import torch.fx as fx
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
 from autotp.passes.context import AutoTPError, PassContext, module_path, node_layer
-from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time, get_link
+from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time, compute_time, get_link
+from autotp.passes.flops import counted, flops, planned_shape
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.attention import ATTENTION_OPS
@@ -141,18 +149,7 @@ def planned_bytes(node: fx.Node, ctx: PassContext) -> float:
 
 
 def _planned(v: torch.Tensor, ctx: PassContext) -> float:
-    n = 1
-    for s in v.shape:
-        if isinstance(s, torch.SymInt):
-            expr = s.node.expr
-            try:
-                n *= int(expr.xreplace(ctx.plan_sizes)) if ctx.plan_sizes else int(guarding_hint_or_throw(s))
-            except (TypeError, ValueError):
-                n *= int(guarding_hint_or_throw(s))
-        else:
-            n *= int(s)
-    return float(n * v.element_size())
-
+    return float(np.prod(planned_shape(v, ctx.plan_sizes), dtype=np.float64) * v.element_size())
 
 
 def weights(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
@@ -326,9 +323,12 @@ class _Problem:
             rep = self.tied.get(n)
             ids = self.y[rep] if rep is not None else []
             count_act = ctx.activation_terms and is_activation(n, self.weight_like, n in self.grad or not ctx.training)
+            whole = flops(n, ctx.plan_sizes) if counted(n) else 0.0
             for k, s in enumerate(n.meta["autotp"]["strategies"]):
                 mem = _bytes(v) * _fraction(v, s.output, world) if n in self.large else 0.0
                 eps = 0.0 if s.replicated else _EPS * (1 + _strided(s) + _GRID_EPS * _grids(s))
+                if whole:                                   # (compute) this rank's share of the node's work
+                    eps += self.compute_us(n, whole) * flops(n, ctx.plan_sizes, s.inputs, world) / whole
                 if n.op == "placeholder" and n in self.grad and group_replicated(s.output):
                     # its gradient is summed over the group, in one bucket with the others: bytes, no latency
                     b = world // s.output.groups
@@ -344,6 +344,12 @@ class _Problem:
             self.y[n] = ids
             if rep is None:
                 lp.row({j: 1.0 for j in ids}, 1.0, 1.0)
+
+    def compute_us(self, n: fx.Node, whole: float) -> float:
+        """Microseconds of ``whole`` forward FLOPs of ``n`` at the device's peak, x3 when its
+        gradient is computed too (the two backward matmuls)."""
+        steps = 3 if self.ctx.training and n in self.grad else 1
+        return compute_time(whole * steps, val(n).dtype, self.ctx.device) * 1e6
 
     def producer_options(self, t: fx.Node) -> dict:
         """placement q -> variable ids whose choice makes t come out as q."""
@@ -501,6 +507,8 @@ class _Problem:
         mem, acost, tcost = np.array(lp.cost_mem), np.array(lp.cost_act), np.array(lp.cost_time)
         best_mem = float(mem @ lp.solve(mem))                              # 1. memory
         budget = best_mem + _replication_allowance(self.nodes, self.large, self.y, self.tied, lp)
+        if ctx.memory_budget is not None:
+            budget = self._user_budget(best_mem)
         keep = [LinearConstraint(mem.reshape(1, -1), -np.inf, budget * (1 + 1e-9) + 0.5)]
         x = None
         if ctx.max_activation_mib is not None and not ctx.sequence_parallel:
@@ -517,10 +525,34 @@ class _Problem:
         if float(mem @ x) > best_mem * (1 + 1e-9) + 0.5:                   # 3. the least memory at that time
             x = lp.solve(mem, keep + [LinearConstraint(tcost.reshape(1, -1), -np.inf, float(tcost @ x) * (1 + 1e-7) + 1e-6)])
         self.saved_us = self._kv_saving(x, tcost, keep)
+        if ctx.memory_budget is not None:
+            self._budget_note(x, mem, tcost, best_mem)
         return x, {"variables": len(lp.cost_mem), "constraints": lp.nrows,
                    "weight_bytes_per_rank": float(mem @ x), "weight_bytes_min": best_mem,
                    "weight_bytes_budget": budget, "comm_time_us": float(tcost @ x),
                    "activation_mib_per_rank": float(acost @ x) if ctx.activation_terms else None}
+
+    def _user_budget(self, best_mem: float) -> float:
+        """``memory_budget`` (weight bytes per rank), checked against the least any plan needs."""
+        if self.ctx.memory_budget < best_mem:
+            raise AutoTPError(f"memory_budget={self.ctx.memory_budget:,.0f} bytes is below the least weight memory per "
+                              f"rank any plan of this model needs on {self.ctx.world} ranks ({best_mem:,.0f} bytes of its "
+                              f"large weights): raise it, or use more ranks")
+        return float(self.ctx.memory_budget)
+
+    def _budget_note(self, x, mem, tcost, best_mem: float) -> None:
+        """With ``memory_budget``: what the plan spends above the least-memory plan, and the time
+        it saves against the fastest plan at that least memory."""
+        used = float(mem @ x)
+        if used <= best_mem * (1 + 1e-9) + 0.5:
+            self.ctx.note(f"memory_budget {self.ctx.memory_budget / 2**20:,.1f} MiB of weights per rank: the plan uses "
+                          f"the least, {used / 2**20:,.1f} MiB (no replication pays for itself)")
+            return
+        least = self.lp.solve(tcost, [LinearConstraint(mem.reshape(1, -1), -np.inf, best_mem * (1 + 1e-9) + 0.5)])
+        self.ctx.note(f"memory_budget {self.ctx.memory_budget / 2**20:,.1f} MiB of weights per rank: the plan uses "
+                      f"{used / 2**20:,.1f} MiB (least {best_mem / 2**20:,.1f} MiB) and saves "
+                      f"{float(tcost @ least) - float(tcost @ x):,.1f} us of communication and compute per step "
+                      f"against the fastest least-memory plan")
 
     def _kv_saving(self, x, tcost, keep) -> float | None:
         """What keeping kv heads whole saves against the best plan that keeps none whole (None when
@@ -576,8 +608,9 @@ def _note_replicated_attention(nodes, tied, ctx: PassContext) -> None:
         why = (f"{hq} query heads do not divide by {world} ranks" if hq % world else
                f"its {hkv} kv heads neither divide by {world} ranks nor divide {world}" if hkv % world and world % hkv
                else "splitting its heads costs more than gathering q, k and v at these sizes")
-        ctx.note(f"attention `{n.name}` ({module_path(n) or 'the model'}) runs whole on every rank, its q, k and v gathered: {why} "
-                 f"(each rank must hold whole heads; unequal head blocks are not supported yet)")
+        ctx.note(f"attention `{n.name}` ({module_path(n) or 'the model'}) runs whole on every rank, all its heads "
+                 f"(q, k and v whole: gathered, or computed whole where weights are replicated): {why} (each rank "
+                 f"must hold whole heads; unequal head blocks are not supported yet)")
         return                            # the layers repeat it: once is enough
 
 
