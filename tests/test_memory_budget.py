@@ -70,3 +70,30 @@ def test_seven_heads_on_two_ranks_are_exact_with_and_without_a_budget():
         for r in results:
             assert not r.error, r.error
             assert r.logits_err <= 1e-5 and r.grad_err <= 1e-5 and r.other_shape_err <= 1e-5, (rank, r)
+
+
+def test_a_budget_gives_dit_megatrons_blocks():
+    """diffusers' DiT at DiT-XL's width (16 heads x 72, 2 of its 28 blocks) at N = 4: by default
+    each block also all-reduces its adaLN-Zero modulation (its weights split for memory) and
+    gathers in its conditioning MLP; with a budget those small per-sample matmuls are replicated
+    (compute they repeat: a row per sample, not per token) and each block has Megatron's 2
+    all-reduces, attention and MLP still split."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        model = diffusers.DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                                out_channels=8, num_layers=2, sample_size=32, patch_size=2,
+                                                num_embeds_ada_norm=1000, norm_num_groups=32).eval()
+    x = torch.randn(8, 4, 32, 32, device="meta")
+    kwargs = {"timestep": torch.tensor([3] * 8, device="meta"), "class_labels": torch.tensor([1] * 8, device="meta"),
+              "return_dict": False}
+    least = autotp.plan(model, (x,), kwargs, world_size=4)
+    rich = autotp.plan(model, (x,), kwargs, world_size=4, memory_budget="4GiB")
+    assert least.counts()["per_layer_forward"][1]["all_reduce"] == 3
+    for layer in (0, 1):
+        assert dict(rich.counts()["per_layer_forward"][layer]) == {"all_reduce": 2}
+    assert dict(rich.counts()["forward"]) == {"all_reduce": 4}
+    placed = {n.removeprefix("transformer_blocks.0."): autotp.fmt(p) for n, p in rich.placements.items()
+              if n.startswith("transformer_blocks.0.") and n.endswith("weight")}
+    assert placed["norm1.linear.weight"] == "R"
+    assert [placed[f"attn1.to_{w}.weight"] for w in "qkv"] == ["S(0)"] * 3 and placed["attn1.to_out.0.weight"] == "S(1)"
+    assert placed["ff.net.0.proj.weight"] == "S(0)" and placed["ff.net.2.weight"] == "S(1)"
