@@ -39,7 +39,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.placement import D, P, R, S, X, ExpertRows, Grid, TokenLocal, can_shard, fmt, local_chunk
+from autotp.placement import (D, P, R, S, X, Blocks, ExpertRows, Grid, TokenLocal, can_shard, fmt, group_replicated, groups_of,
+                              local_chunk)
 
 _FACTORS = (1, 2, 3)           # strided-shard factors offered (a fused [q|k|v] is 3, a gate/up pair 2)
 
@@ -284,6 +285,8 @@ def check_backward(op, graph, node, tensors, strategy, world: int, seed: int = 1
         ins = [pc[r].detach().clone().requires_grad_(_float(pc[r])) for pc in pieces]
         out = modules[r](*ins)
         g = local_chunk(g_out, strategy.output, r, world) if strategy.output not in (P,) else g_out
+        if (copies := _copies(strategy.output, g.ndim, world)) is not None:
+            g = g / copies               # a group-replicated output's gradient: each rank of the group a share
         grads.append(torch.autograd.grad(out, [t for t in ins if t.requires_grad], g, allow_unused=True))
     placements = [p for t, p in zip(full_in, strategy.inputs) if t.requires_grad]
     for i, (fg, p) in enumerate(zip(full_grads, placements)):
@@ -291,10 +294,28 @@ def check_backward(op, graph, node, tensors, strategy, world: int, seed: int = 1
             continue
         local = [gr[i] if gr[i] is not None else torch.zeros_like(pieces[0][0]) for gr in grads]
         want = P if p == R else R if p == P else p     # the gradient's placement
+        if (copies := _copies(p, local[0].ndim, world)) is not None:     # partial over each group: summed
+            local = [sum(torch.where(r // copies == q // copies, lq, 0.0) for q, lq in enumerate(local))
+                     for r in range(world)]
         msg = check_output(fg, local, want, world)
         if msg:
             return f"grad of input {i} ({fmt(p)}): {msg}"
     return None
+
+
+def _copies(p, ndim: int, world: int) -> torch.Tensor | None:
+    """For a placement some of whose elements a group of ranks holds whole (kv heads: ``Grid(S(d), R,
+    g)``, a ``Blocks`` of ``Sizes``), how many ranks hold each local element (1: this rank alone), as
+    a tensor that broadcasts along the split dim; None for any other placement.  The gradient of
+    such elements is a partial sum over their group (``placement.Grid``)."""
+    if group_replicated(p):
+        return torch.tensor(world // p.groups)
+    if not (isinstance(p, Blocks) and p.grouped):
+        return None
+    counts = []
+    for b, g in zip(p.sizes, groups_of(p.sizes)):
+        counts += [1 if g is None else world // g] * (b // (world if g is None else g))
+    return torch.tensor(counts).reshape([-1] + [1] * (ndim - 1 - p.dim % ndim))
 
 
 def check_rule(op, sample_inputs, world: int, rule=None, backward: bool = True, factors=_FACTORS) -> Conformance:

@@ -23,6 +23,13 @@ calls to cut and join (``_split_tensor``, ``_to_replicate_tensor``, the local si
 so a parameter placed this way is a DTensor whose ``full_tensor()``, ``redistribute(..., [R])`` and
 ``full_state_dict`` give the original tensor.  Not offered with FSDP2 (``dp_sharded``), like the
 strided shard: FSDP2 and torch.distributed.checkpoint cannot describe its pieces.
+
+With fewer kv heads than ranks a ``Blocks``' blocks may each have their own number of pieces
+(``Sizes``, printed ``S(0)[64|32·R@2|32·R@2]``): q split over the N ranks, k and v over ``g``
+groups of ``N/g`` consecutive ranks and whole inside each (whole on every rank: ``S(0)[64|16·R|16·R]``,
+MQA) — the kv heads replicated over the ranks whose query heads read them, inside a fused
+weight.  Its local size is ``local_extent``, not 1/N of the dim; a run of its k/v blocks cut out
+is ``Grid(S(d), R, g)``, what a separate k or v projection is.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = ["Placement", "Replicate", "Partial", "Shard", "R", "P", "S", "D", "DisjointPartial", "TokenLocal", "L", "X",
-           "ExpertRows", "Blocks", "Grid", "grid", "group_replicated", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk", "local_slices", "join_pieces",
+           "ExpertRows", "Blocks", "Sizes", "Grid", "grid", "group_replicated", "shard_dim", "split_factor", "is_shard", "splits", "fmt", "local_shape", "local_chunk", "local_slices", "join_pieces",
            "normalize"]
 
 R = Replicate()
@@ -173,6 +180,8 @@ def grid(outer, inner, groups: int):
     kv heads split over groups, whole inside each (``(S(d), R)``)."""
     if outer == R and inner == R:
         return R
+    if groups == 1 and is_shard(outer) and inner != R:
+        return inner                   # one group holds the whole tensor: the inner placement is the 1-D one
     if outer in (D, P) and inner == P:
         return P                       # summing over every rank gives the value
     if is_shard(outer) and outer.dim == 0 and split_factor(outer) == 1 and is_shard(inner) and inner.dim != 0:
@@ -192,6 +201,68 @@ def group_replicated(p) -> bool:
     return isinstance(p, Grid) and is_shard(p.outer) and p.inner == R
 
 
+class Sizes(tuple):
+    """The block sizes of a fused dim (``Blocks``' factor) with, per block, the number of pieces it
+    is cut into: ``None`` for a block split over all N ranks, ``g`` for one split over ``g`` groups
+    of ``N/g`` ranks and whole on each rank of a group (kv heads replicated over the ranks whose
+    query heads read them), ``1`` for a block whole on every rank (MQA's one kv head).  A plain
+    tuple of ints is the same with every block split over all ranks.  Slicing it keeps each
+    block's count, so a rule that cuts a fused dim into runs of blocks (``views._split_blocks``)
+    carries them, and ``S(d, run)`` builds the run's placement (``S``)."""
+
+    def __new__(cls, sizes, groups):
+        out = super().__new__(cls, (int(b) for b in sizes))
+        out.groups = tuple(groups)
+        return out
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return Sizes(tuple(self)[k], self.groups[k])
+        return tuple.__getitem__(self, k)
+
+    def __mul__(self, r):
+        return Sizes(tuple(self) * r, self.groups * r)
+
+    def __eq__(self, other):
+        return isinstance(other, tuple) and tuple(self) == tuple(other) and self.groups == groups_of(other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((tuple(self), self.groups))
+
+    def __reduce__(self):
+        return (Sizes, (tuple(self), self.groups))
+
+    def __repr__(self):
+        return f"Sizes({tuple(self)}, {self.groups})"
+
+
+def groups_of(sizes) -> tuple:
+    """Each block's group count (``Sizes``): None where the block is split over all ranks."""
+    return sizes.groups if isinstance(sizes, Sizes) else (None,) * len(sizes)
+
+
+def with_groups(sizes, groups) -> tuple:
+    """``sizes`` with the blocks' group counts ``groups``: a plain tuple when every block is split
+    over all ranks (an ordinary ``Blocks``)."""
+    return tuple(sizes) if all(g is None for g in groups) else Sizes(sizes, groups)
+
+
+def block_piece(block: int, group, rank: int, world: int) -> slice:
+    """The part of one block of size ``block`` rank ``rank`` holds: its 1/N slice (``group`` None),
+    the slice of its group (``g`` groups of ``N/g`` consecutive ranks), or all of it (1)."""
+    n, i = (world, rank) if group is None else (group, rank // (world // group))
+    piece = block // n
+    return slice(i * piece, (i + 1) * piece)
+
+
+def local_extent(sizes, world: int) -> int:
+    """The local size of a fused dim held as blocks of ``sizes`` (``Sizes`` or a tuple)."""
+    return sum(b // (world if g is None else g) for b, g in zip(sizes, groups_of(sizes)))
+
+
 class Blocks(_StridedShard):
     """``S(d)[b0|b1|...]``: dim ``d`` is blocks of ``sizes``, each split evenly over the ranks;
     a rank holds its piece of every block, concatenated (see the module docstring).
@@ -207,7 +278,13 @@ class Blocks(_StridedShard):
 
     def __init__(self, dim: int, sizes):
         super().__init__(dim, split_factor=len(sizes))
-        self.sizes = tuple(int(b) for b in sizes)
+        self.sizes = with_groups(sizes, groups_of(sizes))
+
+    @property
+    def grouped(self) -> bool:
+        """Some block is whole on the ranks of a group (kv heads, ``Sizes``): its local size is not
+        1/N of the dim, and the gradient of those rows is a partial sum over the group."""
+        return isinstance(self.sizes, Sizes)
 
     def __eq__(self, other):
         return isinstance(other, Blocks) and self.dim == other.dim and self.sizes == other.sizes
@@ -216,7 +293,7 @@ class Blocks(_StridedShard):
         return hash(("Blocks", self.dim, self.sizes))
 
     def __repr__(self):
-        return f"Blocks(dim={self.dim}, sizes={self.sizes})"
+        return f"Blocks(dim={self.dim}, sizes={self.sizes!r})"
 
     def __str__(self):
         return fmt(self)
@@ -237,6 +314,9 @@ class Blocks(_StridedShard):
     def _to_replicate_tensor(self, local_tensor, mesh, mesh_dim, current_logical_shape):
         from torch.distributed._functional_collectives import all_gather_single
         gathered = all_gather_single(local_tensor.contiguous(), gather_dim=self.dim, group=(mesh, mesh_dim))
+        if self.grouped:                       # wait before slicing the gathered pieces
+            from torch.distributed._functional_collectives import wait_tensor
+            gathered = wait_tensor(gathered)
         return rank_major_to_blocks(gathered, self.dim, self.sizes, mesh.size(mesh_dim))
 
     def _replicate_to_strided_shard(self, local_tensor, mesh, mesh_dim, shard_index):
@@ -249,7 +329,7 @@ class Blocks(_StridedShard):
         """The piece's size, and its indices along the dim (torch's ``ALL`` mode), the first of
         them (``FIRST``, the default) or none (``NONE``)."""
         from torch.distributed.tensor.placement_types import _StridedShardOffsetMode as Mode
-        size = int(curr_local_size) // num_chunks
+        size = local_extent(self.sizes, num_chunks) if self.grouped else int(curr_local_size) // num_chunks
         mode = Mode.FIRST if offset_mode is None else offset_mode
         if mode == Mode.NONE:
             return size, None
@@ -261,15 +341,18 @@ class Blocks(_StridedShard):
 def rank_major_to_blocks(t: torch.Tensor, dim: int, sizes, world: int) -> torch.Tensor:
     """The ranks' pieces of a ``Blocks(dim, sizes)`` tensor concatenated in rank order along
     ``dim`` (an all-gather's output) -> the full tensor: block ``j`` is every rank's ``j``-th
-    part, in rank order."""
-    k = len(sizes)
-    parts = torch.split(t, [b // world for b in sizes] * world, dim=dim)      # rank r, block j: parts[r*k + j]
-    return torch.cat([parts[r * k + j] for j in range(k) for r in range(world)], dim=dim)
+    part, in rank order (of a block whole on the ranks of a group, ``Sizes``: the first rank's of each group)."""
+    k, groups = len(sizes), groups_of(sizes)
+    counts = [world if g is None else g for g in groups]
+    parts = torch.split(t, [b // n for b, n in zip(sizes, counts)] * world, dim=dim)   # rank r, block j: parts[r*k + j]
+    return torch.cat([parts[r * k + j] for j in range(k) for r in range(0, world, world // counts[j])], dim=dim)
 
 
 def blocks_to_rank_major(t: torch.Tensor, dim: int, sizes, world: int) -> torch.Tensor:
     """The inverse of ``rank_major_to_blocks``: the full tensor with rank ``r``'s piece of every
     block brought together, ranks in order (a reduce-scatter's input)."""
+    if isinstance(sizes, Sizes):
+        raise NotImplementedError("a reduce-scatter into blocks whole on groups of ranks")
     k = len(sizes)
     parts = torch.split(t, [b // world for b in sizes for _ in range(world)], dim=dim)   # block j, rank r
     return torch.cat([parts[j * world + r] for r in range(world) for j in range(k)], dim=dim)
@@ -278,7 +361,16 @@ def blocks_to_rank_major(t: torch.Tensor, dim: int, sizes, world: int) -> torch.
 def S(dim: int, factor: int | tuple = 1) -> Placement:
     """Shard on ``dim``; ``factor > 1`` gives the strided layout of a fused dimension (``f`` equal
     blocks), a tuple of block sizes the layout of unequal ones (``Blocks``; equal sizes fold to
-    the strided shard, one block to ``Shard``)."""
+    the strided shard, one block to ``Shard``).  Blocks whole on groups of ranks (``Sizes``) build
+    ``Blocks`` when only some are, and when all are (a run of them cut out of a fused dim: the k
+    of a ``[q|k|v]``) the group-replicated placement ``Grid(S(dim, sizes), R, g)``."""
+    if isinstance(factor, Sizes) and set(factor.groups) == {None}:
+        factor = tuple(factor)
+    if isinstance(factor, Sizes):
+        gs = set(factor.groups)
+        if len(gs) == 1:
+            return Grid(S(dim, tuple(factor)), R, gs.pop())
+        return Blocks(dim, factor)
     if isinstance(factor, tuple):
         if len(set(factor)) == 1:
             factor = len(factor)
@@ -296,7 +388,9 @@ def block_sizes(p: Placement, size: int) -> tuple[int, ...]:
 
 def factor_key(f) -> tuple:
     """A sort key over strided factors, ints and tuples of block sizes alike (ints first)."""
-    return (1, 0, f) if isinstance(f, tuple) else (0, f, ())
+    if isinstance(f, tuple):
+        return (1, 0, tuple(f), tuple(0 if g is None else g for g in groups_of(f)))
+    return (0, f, (), ())
 
 
 def is_strided(p: Placement) -> bool:
@@ -351,14 +445,16 @@ def fmt(p: Placement | tuple | None) -> str:
     if isinstance(p, Grid):
         return f"{fmt(p.outer)}·{fmt(p.inner)}@{p.groups}"
     f = split_factor(p)
-    if isinstance(f, tuple):
-        return f"S({p.dim})[" + "|".join(map(str, f)) + "]"
+    if isinstance(f, tuple):                   # a block whole on groups of g ranks: "b·R@g" ("b·R": g = 1)
+        return f"S({p.dim})[" + "|".join(str(b) if g is None else f"{b}·R" + (f"@{g}" if g > 1 else "")
+                                         for b, g in zip(f, groups_of(f))) + "]"
     return f"S({p.dim})" + (f"x{f}" if f > 1 else "")
 
 
 def can_shard(size: int, factor: int | tuple, world: int) -> bool:
     if isinstance(factor, tuple):
-        return sum(factor) == size and all(b > 0 and b % world == 0 for b in factor)
+        return sum(factor) == size and all(b > 0 and (b % world == 0 if g is None else world % g == 0 and b % g == 0)
+                                           for b, g in zip(factor, groups_of(factor)))
     return size % (factor * world) == 0 and size > 0
 
 
@@ -369,6 +465,8 @@ def local_shape(shape, p: Placement, world: int) -> list[int]:
             shape[p.outer.dim] //= p.groups
         if is_shard(p.inner):
             shape[p.inner.dim] //= world // p.groups
+    elif isinstance(p, Blocks) and p.grouped:
+        shape[p.dim] = local_extent(p.sizes, world)
     elif splits(p):
         shape[p.dim] = shape[p.dim] // world
     return shape
@@ -396,9 +494,10 @@ def local_slices(shape, p: Placement, rank: int, world: int) -> list[tuple]:
         return [full]
     d = p.dim % len(shape)
     out, start = [], 0
-    for block in block_sizes(p, shape[d]):
-        piece = block // world
-        out.append(tuple(slice(start + rank * piece, start + (rank + 1) * piece) if k == d else s
+    blocks = block_sizes(p, shape[d])
+    for block, group in zip(blocks, groups_of(blocks)):
+        piece = block_piece(block, group, rank, world)
+        out.append(tuple(slice(start + piece.start, start + piece.stop) if k == d else s
                          for k, s in enumerate(full)))
         start += block
     return out

@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from autotp import comm
 from autotp.base import AutoTPError
-from autotp.placement import Grid
+from autotp.placement import Blocks, Grid, groups_of
 
 try:                                    # torch's GraphModule that defers code generation to first use
     from torch.fx._lazy_graph_module import _LazyGraphModule
@@ -103,19 +103,28 @@ _GRID_MESHES: dict = {}
 def mesh_for(mesh: DeviceMesh, p) -> tuple[DeviceMesh, list]:
     """The mesh and placement list of a DTensor placed ``p`` on the tensor-parallel ``mesh``: the
     mesh itself for a 1-D placement; for a ``Grid`` (experts split over groups x tensor-parallel
-    inside each group) its 2-D view ``("ep", "etp")``, made once per mesh and group count."""
+    inside each group) its 2-D view ``("ep", "etp")``, made once per mesh and group count.  A fused
+    ``Blocks`` with blocks whole on groups of ranks (kv heads) is a 1-D placement, whose gradient
+    rows are summed inside those groups: their views are made too."""
+    if isinstance(p, Blocks) and p.grouped:
+        for g in {g for g in groups_of(p.sizes) if g and g > 1}:
+            _grid_mesh(mesh, g)
     if not isinstance(p, Grid):
         return mesh, [p]
-    key = (mesh, p.groups)
+    return _grid_mesh(mesh, p.groups), [p.outer, p.inner]
+
+
+def _grid_mesh(mesh: DeviceMesh, groups: int) -> DeviceMesh:
+    key = (mesh, groups)
     if key not in _GRID_MESHES:
-        shape = (p.groups, mesh.size() // p.groups)
+        shape = (groups, mesh.size() // groups)
         try:
             _GRID_MESHES[key] = mesh._unflatten(0, shape, ("ep", "etp"))
         except (AttributeError, TypeError, ValueError, RuntimeError):    # a torch without _unflatten
             _GRID_MESHES[key] = DeviceMesh(mesh.device_type, mesh.mesh.reshape(shape), mesh_dim_names=("ep", "etp"))
         # the group of this rank's (kv) group, for the gradients summed inside it (comm.reduce_grad_in_group)
-        comm.GROUPS_OF[(mesh.get_group().group_name, p.groups)] = _GRID_MESHES[key].get_group("etp").group_name
-    return _GRID_MESHES[key], [p.outer, p.inner]
+        comm.GROUPS_OF[(mesh.get_group().group_name, groups)] = _GRID_MESHES[key].get_group("etp").group_name
+    return _GRID_MESHES[key]
 
 
 def check_same_inputs(named: list[tuple[str, object]], mesh, advice: str) -> None:

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from autotp import comm
-from autotp.placement import R, fmt, group_replicated, local_shape
+from autotp.placement import Blocks, R, fmt, group_replicated, groups_of, local_shape
 from autotp.passes.context import PassContext, block_path
 from autotp.passes.redistribute import steps
 from autotp.passes.rules import tensor_inputs, val
@@ -156,11 +156,66 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 src = grad_reduced(src, node)
             elif group_replicated(have) and t.op == "placeholder" and t.name in ctx.params and grads:
                 src = group_grad_reduced(t, node)
+            elif isinstance(have, Blocks) and have.grouped and t.op == "placeholder" and t.name in ctx.params and grads:
+                key = (t, "rows f")
+                if key not in made:
+                    made[key] = _reduce_group_rows(graph, t, node, ctx)
+                src = made[key]
             if src is not t:
                 _replace_input(node, i, src)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _reduce_group_rows(graph: fx.Graph, t: fx.Node, consumer: fx.Node, ctx: PassContext) -> fx.Node:
+    """A fused parameter held as ``Blocks`` with blocks whole on groups of ranks (``placement.Sizes``:
+    the k and v of a ``[q | k | v]`` replicated over the ranks whose query heads read them): the
+    gradient of those rows is a partial sum over the group — each rank's share from its own query
+    heads — and is summed over it (``reduce_grad_in_group``; ``reduce_grad`` over every rank for a
+    block whole on all of them, MQA), while the rows split over all ranks (q: different heads on
+    each rank) are left alone.  The local rows are cut into runs of blocks of one group count, the
+    reduced runs joined again: ``cat([w[:q], reduce(w[q:q+k+v])])``.  Each run's reduction is an
+    ordinary parameter gradient reduction, so ``bucket_grad_reduces`` buckets it with the others."""
+    p = _placement(t)
+    d, sizes = p.dim, p.sizes
+    runs: list = []                           # (group count, local start, local end)
+    at = 0
+    for b, g in zip(sizes, groups_of(sizes)):
+        n = b // (ctx.world if g is None else g)
+        if runs and runs[-1][0] == g:
+            runs[-1][2] += n
+        else:
+            runs.append([g, at, at + n])
+        at += n
+    local = val(t).new_empty(local_shape(val(t).shape, p, ctx.world))
+    pieces = []
+    for g, start, end in runs:
+        with graph.inserting_before(consumer):
+            rows = graph.call_function(torch.ops.aten.slice.Tensor, (t, d, start, end))
+        rows.meta["val"] = rows.meta["autotp_val"] = local.narrow(d, start, end - start)
+        rows.meta["autotp"] = {"placement": None}          # None: the value is the local one
+        _copy_meta(consumer, rows)
+        if g is not None:
+            fn, args = (comm.reduce_grad, (ctx.group,)) if g == 1 else (comm.reduce_grad_in_group, (ctx.group, g))
+            with graph.inserting_before(consumer):
+                reduced = graph.call_function(fn, (rows, *args))
+            reduced.meta["val"] = reduced.meta["autotp_val"] = rows.meta["val"]
+            _copy_meta(consumer, reduced)
+            copies = ctx.world // g
+            reduced.meta["autotp"] = {
+                "placement": None, "collective": fn.__name__, "forward": None, "backward": "all_reduce",
+                "volume": _group_volume(g, ctx.world) * g if g > 1 else 1.0,      # of these local rows' bytes
+                "reason": f"{t.name} is {fmt(p)}: each of the {copies} ranks holding rows {start}:{end} (kv heads) "
+                          f"has its query heads' share of their gradient, all-reduced over them in backward"}
+            rows = reduced
+        pieces.append(rows)
+    with graph.inserting_before(consumer):
+        joined = graph.call_function(torch.ops.aten.cat.default, (pieces, d))
+    joined.meta["val"], joined.meta["autotp_val"] = t.meta["val"], val(t)
+    joined.meta["autotp"] = {"placement": p}
+    _copy_meta(consumer, joined)
+    return joined
 
 
 def _group_volume(groups: int, world: int) -> float:
@@ -207,7 +262,7 @@ def bucket_grad_reduces(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     (``block_path``; the root's part is one more), inside the block, one all-reduce per layer."""
     graph = gm.graph
     fs = [n for n in graph.nodes if n.op == "call_function" and n.target in (comm.reduce_grad, comm.reduce_grad_in_group)
-          and n.args[0].op == "placeholder" and n.args[0].name in ctx.params]
+          and _parameter_rows(n.args[0], ctx)]
     groups: dict = {}
     for f in fs:                      # one bucket per collective and process group (kv weights: their group)
         groups.setdefault((block_path(f) if ctx.dp_sharded else None, f.target, f.args[2:]), []).append(f)
@@ -219,6 +274,13 @@ def bucket_grad_reduces(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return _done(gm)
 
 
+def _parameter_rows(n: fx.Node, ctx: PassContext) -> bool:
+    """A parameter, or a run of its local rows (``_reduce_group_rows``: a slice of one)."""
+    if n.op == "call_function" and n.target == torch.ops.aten.slice.Tensor and n.meta.get("autotp", {}).get("placement", 0) is None:
+        n = n.args[0]
+    return n.op == "placeholder" and n.name in ctx.params
+
+
 def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext, inside: bool) -> None:
     """One ``reduce_grad`` for the parameters ``fs`` reduce, placed before ``first``; ``inside``:
     the bucket belongs to the block of ``fs[0]`` (its module path), else to the model's root."""
@@ -227,6 +289,12 @@ def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext
     grid = fs[0].target is comm.reduce_grad_in_group
     locals_ = [val(p).new_empty(local_shape(val(p).shape, _placement(p), ctx.world)) if grid else val(p)
                for p in params]
+    for p in params:                      # a run of a parameter's rows is read where the bucket is
+        if p.op != "placeholder":
+            first.prepend(p)
+            if not inside:
+                for key in ("stack_trace", "nn_module_stack"):
+                    p.meta.pop(key, None)
     flats = []
     for p in params:
         with graph.inserting_before(first):
@@ -249,7 +317,7 @@ def _bucket(graph: fx.Graph, fs: list[fx.Node], first: fx.Node, ctx: PassContext
         f"{len(params)} replicated parameters feed sharded ops: their gradients are partial sums, all-reduced "
         f"together in one bucket")
     if grid:                              # the bucket holds local rows: 1/groups of the weights' bytes
-        bucket.meta["autotp"]["volume"] *= fs[0].args[2]
+        bucket.meta["autotp"]["volume"] = _group_volume(fs[0].args[2], ctx.world) * fs[0].args[2]
     offset, cur = 0, bucket
     for f, p, v in zip(fs, params, locals_):
         n = v.numel()

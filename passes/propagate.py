@@ -14,11 +14,11 @@ import torch.fx as fx
 
 from autotp.passes.context import AutoTPError, PassContext, where
 from autotp.passes.rules import RuleContext, Strategy, dedupe, find_rule, replicate_strategy, tensor_inputs, val
-from autotp.passes.rules.attention import kv_head_groups
+from autotp.passes.rules.attention import kv_head_groups, kv_head_rows
 from autotp.passes.rules.grid import grid_strategies
 from autotp.passes.rules.tokens import seq_symbols, token_rows, token_strategies
 from autotp.passes.rules.views import slice_bounds, split_dim, static_dim
-from autotp.placement import Grid, R, S, can_shard, factor_key, is_shard
+from autotp.placement import Grid, R, S, Sizes, can_shard, factor_key, is_shard
 
 aten = torch.ops.aten
 
@@ -75,6 +75,7 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                  "them when FSDP2 shards the parameters (their 2-D placement is not offered with FSDP2), so the "
                  "kv heads are split and gathered; use a tensor-parallel size at most the kv head count to avoid it")
         kv_groups = {}
+    kv_rows = kv_head_rows(gm, ctx.world, ctx.params) if kv_groups and not ctx.dp_sharded else {}
     candidates: dict[fx.Node, set] = {}
     rctx = RuleContext(world=ctx.world, factors=factors, _candidates=candidates)
     unknown: dict[str, list[fx.Node]] = {}
@@ -86,7 +87,7 @@ def propagate_placements(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             continue
         v = val(node)
         if node.op == "placeholder":
-            strategies = _placeholder_strategies(node, ctx, factors, kv_groups)
+            strategies = _placeholder_strategies(node, ctx, factors, kv_groups, kv_rows)
             if node.name in kv_groups:        # the solver's memory budget allows their replication
                 meta(node)["kv_groups"] = kv_groups[node.name]
         elif node.op == "call_function" and node.target is operator.getitem:
@@ -203,7 +204,7 @@ def _has_tensor(v) -> bool:
     return isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v)
 
 
-def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors, kv_groups=None) -> list[Strategy]:
+def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors, kv_groups=None, kv_rows=None) -> list[Strategy]:
     v = val(node)
     if not isinstance(v, torch.Tensor):
         return []
@@ -229,7 +230,31 @@ def _placeholder_strategies(node: fx.Node, ctx: PassContext, factors, kv_groups=
     if ctx.dp_sharded:
         return options
     return options + grid_options(v, ctx.world, factors) + [
-        Strategy((), Grid(S(d), R, g)) for g in sorted((kv_groups or {}).get(node.name, ())) if g > 1 for d in range(v.ndim) if can_shard(v.shape[d], 1, g)]
+        Strategy((), Grid(S(d), R, g)) for g in sorted((kv_groups or {}).get(node.name, ())) if g > 1 for d in range(v.ndim) if can_shard(v.shape[d], 1, g)] + \
+        fused_kv_options(v, ctx.world, factors, (kv_rows or {}).get(node.name, ()))
+
+
+def fused_kv_options(v: torch.Tensor, world: int, factors, rows) -> list[Strategy]:
+    """A fused ``[q | k | v]`` weight whose k and v blocks compute the kv heads of an attention
+    with ``H_kv < N`` (``rows``: ``rules/attention.kv_head_rows``) may be split per block with each
+    block cut into its own number of pieces (``placement.Sizes``): a q block over all N ranks, a
+    k or v block over ``H_kv`` groups and whole inside each (whole on every rank for MQA), so
+    cutting the fused output gives q ``S(d)`` and k, v ``Grid(S(d), R, H_kv)`` — what separate
+    k/v projections give.  Offered for every unequal-block factor of the graph whose blocks the
+    rows fall on, with at least one block split over all ranks."""
+    out = []
+    for f in factors:
+        if not isinstance(f, tuple):
+            continue
+        starts = [sum(f[:j]) for j in range(len(f))]
+        for g in sorted({r[0] for r in rows}):
+            groups = tuple(g if any(r[0] == g and r[1] == sum(f) and r[2] <= a and a + b <= r[3] for r in rows)
+                           else None for a, b in zip(starts, f))
+            if None not in groups or all(x is None for x in groups):
+                continue
+            sizes = Sizes(f, groups)
+            out += [Strategy((), S(d, sizes)) for d in range(v.ndim) if can_shard(v.shape[d], sizes, world)]
+    return out
 
 
 def grid_options(v: torch.Tensor, world: int, factors) -> list[Strategy]:

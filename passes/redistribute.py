@@ -12,7 +12,7 @@ import dataclasses
 
 from autotp import comm
 from autotp.cost import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, collective_time
-from autotp.placement import D, P, R, X, ExpertRows, Grid, Placement, TokenLocal, group_replicated, split_factor
+from autotp.placement import D, P, R, X, Blocks, ExpertRows, Grid, Placement, TokenLocal, group_replicated, split_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,8 @@ def steps(src: Placement, dst: Placement) -> list[Step] | None:
         return [Step(comm.group_slice, (dst.dim, split_factor(dst), src.groups), None, None)]
     if isinstance(src, Grid) or isinstance(dst, Grid):
         return None                   # other EP x TP pieces leave the expert block only through ops
+    if any(isinstance(p, Blocks) and p.grouped for p in (src, dst)):
+        return None                   # fused blocks whole on groups of ranks (kv heads) leave only by cuts at the blocks
     if isinstance(src, TokenLocal) and dst == X:
         # rows sorted by expert on each rank's tokens -> the rows of this rank's experts
         return [Step(comm.moe_dispatch, (), ALL_TO_ALL, ALL_TO_ALL)] if src.kind == "s" else None

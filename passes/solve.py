@@ -79,7 +79,8 @@ from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.attention import ATTENTION_OPS
 from autotp.passes.rules.views import RESHAPES, WEIGHT_VIEWS
-from autotp.placement import D, P, S, Grid, R, can_shard, fmt, group_replicated, is_shard, is_strided, local_shape, splits
+from autotp.placement import (D, P, S, Blocks, Grid, R, can_shard, fmt, group_replicated, groups_of, is_shard, is_strided,
+                              local_shape, splits)
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
 _GRID_EPS = 3        # per Grid placement: among equal plans the 1-D ones first (EP x TP where neither pure form divides)
@@ -618,7 +619,14 @@ def _keeps_kv_heads_whole(n: fx.Node, s) -> bool:
     """Whether strategy ``s`` of parameter ``n`` keeps whole kv heads (``kv_groups``: the kv head
     counts of the attentions it computes k or v for): Grid(S(d), R, H_kv), or replicated for MQA."""
     groups = n.meta["autotp"].get("kv_groups") or ()
-    return group_replicated(s.output) and s.output.groups in groups or s.output == R and 1 in groups
+    return group_replicated(s.output) and s.output.groups in groups or s.output == R and 1 in groups \
+        or _fused_kv(s.output)
+
+
+def _fused_kv(p) -> bool:
+    """A fused ``[q | k | v]`` parameter split per block with its k and v blocks whole on groups of
+    ranks (``Blocks`` of ``placement.Sizes``; offered only to weights computing k or v)."""
+    return isinstance(p, Blocks) and p.grouped
 
 
 def _whole_kv_heads(nodes, y, x) -> list[int]:
@@ -648,7 +656,9 @@ def _note_kv_replication(nodes, ctx: PassContext, saved_us: float | None) -> Non
         extra += _bytes(val(n)) * (_fraction(val(n), p, ctx.world) - least)
         whole.append(n)
     p = whole[0].meta["autotp"]["placement"]
-    copies = ctx.world // p.groups if isinstance(p, Grid) else ctx.world
+    groups = p.groups if isinstance(p, Grid) else max((g for g in groups_of(p.sizes) if g), default=1) \
+        if _fused_kv(p) else 1
+    copies = ctx.world // groups
     names = ", ".join(ctx.params[n.name] for n in whole[:2]) + (", ..." if len(whole) > 2 else "")
     saves = "" if saved_us is None else (f", saves {saved_us:.1f} us of communication per step at "
                                          f"{get_link(ctx.link).name} against the best plan that keeps no kv head whole")
@@ -669,7 +679,10 @@ def _replication_allowance(nodes, large, y, tied, lp: _ILP) -> float:
         if not groups or n not in large or n in tied:
             continue
         costs = [lp.cost_mem[j] for j in y[n]]
-        whole = [c for s, c in zip(n.meta["autotp"]["strategies"], costs) if _keeps_kv_heads_whole(n, s)]
+        strategies = n.meta["autotp"]["strategies"]
+        # a fused [q|k|v]: what its k and v blocks cost whole on their groups, not the whole weight's copies
+        fused = any(_fused_kv(s.output) for s in strategies)
+        whole = [c for s, c in zip(strategies, costs) if (_fused_kv(s.output) if fused else _keeps_kv_heads_whole(n, s))]
         if whole:
             total += max(whole) - min(costs)
     return total

@@ -15,9 +15,9 @@ block, no all-gather; the edges — embedding, head — may gather); this rank r
 forward matmul and attention FLOPs, except the conv patch embedding, which the plan names.
 
 litgpt's ``[q | k | v]`` of unequal parts is split per block (``S(0)[64|32|32]``, the ``Blocks``
-placement).  Known shortfalls, marked ``xfail(strict=True)`` with their reasons: at N = 4, more
-ranks than litgpt's 2 kv heads, its qkv is gathered per layer (exact, 1/N of the FLOPs, one
-all-gather too many per block).  ``benchmarks/model_sweep.py`` lists
+placement); at N = 4, more ranks than its 2 kv heads, the k and v blocks are split over 2 groups of
+ranks and whole inside each (``S(0)[64|32·R@2|32·R@2]``: kv heads replicated inside the fused
+weight), so its blocks run Megatron's all-reduces too.  ``benchmarks/model_sweep.py`` lists
 the same models' plans without processes.
 """
 import copy
@@ -155,14 +155,8 @@ def test_output_and_every_gradient_equal_one_device(results, name):
             f"({r['worst_grad']})")
 
 
-_LITGPT_QKV = pytest.mark.xfail(strict=True, reason=(
-    "litgpt's qkv is [q | k | v] with unequal parts (n_head vs n_query_groups heads), split per block "
-    "(S(0)[64|32|32]) where every rank holds whole kv heads; with more ranks than kv heads they would "
-    "have to be replicated inside the fused weight, which autotp does not do: qkv is gathered per layer"))
-
-
 @pytest.mark.parametrize("name", ["bert", "t5", "titan_llama3", "litgpt", "dit"])
-def test_blocks_run_megatrons_collectives(results, name, request):
+def test_blocks_run_megatrons_collectives(results, name):
     """Per layer: Megatron's all-reduces and no all-gather, except DiT: each of its blocks also
     all-reduces the adaLN-Zero modulation (``Linear(c) -> 6 x dim``: a large weight, split for
     memory, whose per-sample output every token needs whole) and runs its own conditioning MLP
@@ -170,8 +164,6 @@ def test_blocks_run_megatrons_collectives(results, name, request):
     0's embedder runs once more for the output's modulation."""
     _need(name)
     world, per_rank = results
-    if name == "litgpt" and world > KV_HEADS[name]:
-        request.applymarker(_LITGPT_QKV)
     r = case(per_rank, name)[0]
     for layer in range(LAYERS[name]):
         got = dict(r["per_layer"].get(layer, {}))

@@ -12,6 +12,8 @@ propagation which group counts to offer the k/v projections).  Each rank then ru
 case: k and v replicated."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -76,10 +78,34 @@ def kv_head_groups(gm: fx.GraphModule, world: int, params) -> dict[str, set[int]
     """Parameter placeholder name -> the kv-head group counts to offer it ``Grid(S(d), R, g)`` for:
     ``H_kv`` of every attention with fewer kv heads than ranks (``enable_gqa``), or of a GQA written
     as ``repeat_kv`` (a head dim of ``H_kv < N`` broadcast ``n_rep`` times, merged into
-    ``H_kv * n_rep`` heads that divide by N), given to the parameters that compute its k and v: those
+    ``H_kv * n_rep`` heads that divide by N) or as ``repeat_interleave(k, n_rep, dim=1)``, given to the parameters that compute its k and v: those
     met walking back from k and v up to and including the first weight matmul (``params``: the
     graph's parameter placeholders by name)."""
     out: dict[str, set[int]] = {}
+    for name, g, _ in _kv_projections(gm, world, params):
+        out.setdefault(name, set()).add(g)
+    return out
+
+
+def kv_head_rows(gm: fx.GraphModule, world: int, params) -> dict[str, set[tuple]]:
+    """Parameter name -> ``(g, size, start, end)``: rows ``[start, end)`` of a fused dim of ``size``
+    compute the k or v of an attention whose kv heads are kept whole on ``g`` groups of ranks
+    (``kv_head_groups``) — k and v cut out of a fused ``[q | k | v]`` projection's output by a
+    split or slices, the cuts met walking back from k and v composed.  Those blocks of the fused
+    weight may be split over the ``g`` groups and whole inside each (``placement.Sizes``) while the
+    others are split over every rank."""
+    out: dict[str, set[tuple]] = {}
+    for name, g, cut in _kv_projections(gm, world, params):
+        if cut is not None:
+            out.setdefault(name, set()).add((g, *cut))
+    return out
+
+
+def _kv_projections(gm: fx.GraphModule, world: int, params) -> list[tuple]:
+    """``(parameter name, H_kv, cut)`` for every parameter computing the k or v of an attention with
+    fewer kv heads than ranks (see ``kv_head_groups``); ``cut``: the rows of k or v in a fused dim
+    (``_projection_params``), or None."""
+    found: list = []
     weight_like = None
     for n in gm.graph.nodes:
         g, sources = _kv_groups(n, world), n.args[1:3]
@@ -91,34 +117,67 @@ def kv_head_groups(gm: fx.GraphModule, world: int, params) -> dict[str, set[int]
                 hkv, hq = int(e.shape[1]), int(e.shape[1] * e.shape[2])
                 if hkv < world and world % hkv == 0 and hq % world == 0:
                     g, sources = hkv, n.args[:1]
+        elif g is None and n.op == "call_function" and n.target == aten.repeat_interleave.self_int \
+                and isinstance(n.args[1], int) and (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")) in (1, -3) \
+                and val(n).ndim == 4:
+            # (B, H_kv, L, D) -> (B, H_kv * n_rep, L, D): litgpt's k/v repeat per query group
+            hkv, hq = int(val(n.args[0]).shape[1]), int(val(n).shape[1])
+            if hkv < world and world % hkv == 0 and hq % world == 0:
+                g, sources = hkv, n.args[:1]
         if g is not None:                      # (g = 1: MQA, whose k and v projections are replicated)
             weight_like = _weight_like(gm, params) if weight_like is None else weight_like
-            for name in _projection_params(sources, params, weight_like):
-                out.setdefault(name, set()).add(g)
-    return out
+            found += [(name, g, cut) for name, cut in _projection_params(sources, params, weight_like)]
+    return found
 
 
-def _projection_params(sources, params, weight_like: set) -> set[str]:
+def _cut(n: fx.Node) -> tuple | None:
+    """``(size, start, end)`` when ``n`` is one piece of a dim cut by a split (a getitem of it) or a
+    slice: the piece's rows in the dim it was cut from."""
+    from autotp.passes.rules.views import slice_bounds, split_dim
+    if n.op != "call_function":
+        return None
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].op == "call_function" \
+            and n.args[0].target in (aten.split.Tensor, aten.split_with_sizes.default):
+        x, pieces = val(n.args[0].args[0]), val(n.args[0])
+        d = split_dim(n.args[0]) % x.ndim
+        start = sum(int(p.shape[d]) for p in pieces[:n.args[1]])
+        return int(x.shape[d]), start, start + int(pieces[n.args[1]].shape[d])
+    if n.target == aten.slice.Tensor and (bounds := slice_bounds(n)) is not None:
+        return int(val(n.args[0]).shape[bounds[0]]), bounds[1], bounds[2]
+    return None
+
+
+def _compose(outer: tuple, inner: tuple | None) -> tuple | None:
+    """Rows ``inner`` of a piece that is rows ``outer[1:]`` of a dim of ``outer[0]``: rows of that dim."""
+    if inner is None:
+        return outer
+    size, start, end = outer
+    return (size, start + inner[1], start + inner[2]) if inner[0] == end - start else None
+
+
+def _projection_params(sources, params, weight_like: set) -> list[tuple]:
     """The parameters that compute ``sources``: walking back through ops until (and including) the
     first op that reads a weight matrix (``weight_like``: parameters of >= 2 dims and what is
-    computed from them alone)."""
-    found, seen = set(), set()
-    stack = [a for a in sources if isinstance(a, fx.Node)]
+    computed from them alone); each with the rows of the fused dim the walk cut (``_cut``,
+    composed), or None."""
+    found, seen = [], set()
+    stack = [(a, None) for a in sources if isinstance(a, fx.Node)]
     while stack:
-        n = stack.pop()
-        if n in seen:
+        n, cut = stack.pop()
+        if (n, cut) in seen:
             continue
-        seen.add(n)
+        seen.add((n, cut))
         if n.op == "placeholder":
             if n.name in params:
-                found.add(n.name)
+                found.append((n.name, cut))
             continue
+        if (piece := _cut(n)) is not None:
+            cut = _compose(piece, cut)
         ins = n.all_input_nodes
         if n not in weight_like and any(a in weight_like for a in ins):
-            stack += [a for a in ins if a.op == "placeholder" or a in weight_like]   # its weight (and bias)
-        else:
-            stack += ins
-    return found
+            ins = [a for a in ins if a.op == "placeholder" or a in weight_like]   # its weight (and bias)
+        stack += [(a, cut) for a in ins]
+    return list(dict.fromkeys(found))
 
 
 def _weight_like(gm: fx.GraphModule, params) -> set:

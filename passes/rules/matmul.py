@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, Strategy, dedupe, register_rule, replicate_strategy, val
-from autotp.placement import P, R, S, factor_key, is_shard, split_factor
+from autotp.placement import P, R, S, Sizes, factor_key, is_shard, split_factor
 
 aten = torch.ops.aten
 _BATCH = "ABCDEFGHIJ"
@@ -36,6 +36,8 @@ def einsum_strategies(node: fx.Node, ctx: RuleContext, operands: list[fx.Node], 
             if not ctx.shardable(n, f):
                 continue
             ins = tuple(S(spec.index(letter), f) if letter in spec else R for spec in in_specs)
+            if letter not in out_spec and isinstance(f, Sizes):
+                continue          # blocks whole on groups of ranks would be summed once per rank of a group
             out = S(out_spec.index(letter), f) if letter in out_spec else P
             strategies.append(Strategy(ins, out))
     if val(node).is_floating_point():

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from autotp.passes.rules import RuleContext, arg, Strategy, dedupe, register_rule, replicate_strategy, val
-from autotp.placement import D, P, R, S, is_shard, split_factor
+from autotp.placement import D, P, R, S, Sizes, is_shard, split_factor
 
 aten = torch.ops.aten
 
@@ -48,8 +48,8 @@ def reduction_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
         elif is_shard(p):
             d = p.dim % x.ndim
             if d in dims:
-                if is_sum and x.is_floating_point():
-                    strategies.append(Strategy((p,), P))
+                if is_sum and x.is_floating_point() and not isinstance(split_factor(p), Sizes):
+                    strategies.append(Strategy((p,), P))     # (blocks whole on groups: summed once per rank of one)
                 continue
             nd = d if keep else d - sum(1 for r in dims if r < d)
             out = S(nd, split_factor(p))

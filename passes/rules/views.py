@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from autotp.passes.rules import (RuleContext, arg, Strategy, dedupe, register_rule, replicate_strategy, sym_val,
                                  tensor_inputs, val)
-from autotp.placement import D, P, R, S, Placement, block_sizes, factor_key, is_shard, split_factor, splits
+from autotp.placement import (D, P, R, S, Blocks, Placement, Sizes, block_sizes, factor_key, is_shard, local_extent,
+                              local_shape, split_factor, splits)
 
 aten = torch.ops.aten
 
@@ -105,7 +106,8 @@ def _localize_shape(node: fx.Node, strategy: Strategy, lctx) -> None:
     if len(shape) != val(node).ndim:
         raise AssertionError(f"{node.name}: shape argument {shape} does not match the output rank")
     if isinstance(shape[d], int) and shape[d] != -1:
-        shape[d] //= lctx.world
+        out = strategy.output
+        shape[d] = local_extent(out.sizes, lctx.world) if isinstance(out, Blocks) and out.grouped else shape[d] // lctx.world
     elif isinstance(shape[d], fx.Node):          # a symbolic size (e.g. batch * heads): divide at run time
         with node.graph.inserting_before(node):
             local = node.graph.call_function(operator.floordiv, (shape[d], lctx.world))
@@ -222,10 +224,12 @@ def slice_bounds(node: fx.Node) -> tuple[int, int, int] | None:
 
 def _block_slice(p: Placement, n: int, start: int, end: int):
     """A slice ``[start, end)`` of a dim of size ``n`` held as ``p`` (``S(d)xf`` or ``Blocks``):
-    if it is a run of whole blocks, ``(its placement, the full size of the blocks before it, its
-    length)``; else None.  Locally the slice is the rank's pieces of those blocks: it starts at
-    1/N of the blocks before it and is 1/N as long (the same on every rank), so
-    ``q = qkv[..., :Q]`` of a ``[q|k|v]`` held as ``S(-1)[Q|K|V]`` is ``S(-1)``."""
+    if it is a run of whole blocks, ``(its placement, the blocks before it, its blocks)``; else
+    None.  Locally the slice is the rank's pieces of those blocks: it starts after the rank's
+    pieces of the blocks before it (1/N of them, or 1/g of a block whole on groups of ranks:
+    ``placement.local_extent``, the same on every rank), so ``q = qkv[..., :Q]`` of a ``[q|k|v]``
+    held as ``S(-1)[Q|K|V]`` is ``S(-1)``, and its k held as ``S(-1)[Q|K·R@2|V·R@2]`` is
+    ``S(-1)·R@2``."""
     blocks, at, first, last = block_sizes(p, n), 0, None, None
     for j, b in enumerate(blocks):
         if at == start:
@@ -236,8 +240,7 @@ def _block_slice(p: Placement, n: int, start: int, end: int):
             break
     if first is None or last is None or last < first:
         return None
-    local_start = sum(blocks[:first])
-    return S(p.dim, tuple(blocks[first:last + 1])), local_start, end - start
+    return S(p.dim, blocks[first:last + 1]), blocks[:first], blocks[first:last + 1]
 
 
 @register_rule(aten.slice.Tensor)
@@ -254,16 +257,17 @@ def slice_rule(node, ctx):
     for p in ctx.candidates(node.args[0]):
         if is_shard(p) and p.dim % x.ndim == dim and (cut := _block_slice(S(dim, split_factor(p)), x.shape[dim],
                                                                           *bounds[1:])) is not None:
-            q, start, length = cut
-            strategies.append(Strategy((p,), q, localize=_slice_localizer(dim, start, length)))
+            q, before, run = cut
+            strategies.append(Strategy((p,), q, localize=_slice_localizer(dim, before, run)))
     return dedupe(strategies)
 
 
-def _slice_localizer(dim: int, start: int, length: int):
-    """The hook that rewrites a slice of whole blocks (``_block_slice``) to the local bounds."""
+def _slice_localizer(dim: int, before: tuple, run: tuple):
+    """The hook that rewrites a slice of whole blocks (``_block_slice``: the blocks ``before`` it,
+    its own ``run``) to the local bounds."""
     def localize(node: fx.Node, strategy: Strategy, lctx) -> None:
-        s = start // lctx.world
-        node.args = (node.args[0], dim, s, s + length // lctx.world, *node.args[4:])
+        s = local_extent(before, lctx.world)
+        node.args = (node.args[0], dim, s, s + local_extent(run, lctx.world), *node.args[4:])
         node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "start", "end")}
     return localize
 
@@ -292,7 +296,12 @@ def expand_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
 
 def _localize_split(node: fx.Node, strategy: Strategy, lctx) -> None:
     size = node.args[1]
-    size = [s // lctx.world for s in size] if isinstance(size, (list, tuple)) else size // lctx.world
+    p = strategy.inputs[0]
+    if isinstance(p, Blocks) and p.grouped:      # each piece is its blocks' local part (a k: 1/g of it)
+        d = p.dim
+        size = [local_shape(o.shape, q, lctx.world)[d] for o, q in zip(val(node), strategy.output)]
+    else:
+        size = [s // lctx.world for s in size] if isinstance(size, (list, tuple)) else size // lctx.world
     node.args = (node.args[0], size, *node.args[2:])
 
 
@@ -339,7 +348,7 @@ def _split_blocks(sizes: list[int], blocks: tuple) -> list[tuple] | None:
             j += 1
         if at != size or j == first:
             return None
-        out.append(tuple(blocks[first:j]))
+        out.append(blocks[first:j] if isinstance(blocks, Sizes) else tuple(blocks[first:j]))
     return out
 
 
