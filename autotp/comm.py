@@ -33,6 +33,8 @@ tokens``
                        group's block
 ``reduce_grad_in_      Grid(S(d), R, a): identity   all-reduce over the group
 group``                                             (a kv weight's gradient)
+``group_whole``        Grid(S(d), R, 1) -> R:       1/N of the gradient (a
+                       identity (MQA's kv head)     partial sum over all ranks)
 ``sharded_amax``       S(d) -> R  max over the      none (a shift: no gradient)
                        sharded dim: all-reduce max
 ``sharded_logsumexp``  S(d) -> R  log-sum-exp over  own slice of the softmax
@@ -267,6 +269,26 @@ def group_slice(x: torch.Tensor, dim: int, factor: int, groups: int, group: str,
     replicated activation."""
     b = world // groups
     return _chunk(x, dim, factor, b, rank % b)
+
+
+class _GroupWhole(torch.autograd.Function):
+    """Identity forward; backward, this rank's share (1/N) of the replicated gradient."""
+    @staticmethod
+    def forward(ctx, x, world):
+        ctx.world = world
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g / ctx.world, None
+
+
+def group_whole(x: torch.Tensor, groups: int, group: str, world: int, rank: int) -> torch.Tensor:
+    """Grid(S(d), R, 1) -> R: a tensor whole on every rank (one group: MQA's kv head cut out of a
+    fused ``[q|k|v]``) read as a plain replicated one (a KV cache's concatenation), no communication.
+    Backward hands each rank 1/N of the replicated gradient: the gradient of a group-replicated
+    tensor is a partial sum over its group (``placement.Grid``), summed where it reaches the weight."""
+    return _GroupWhole.apply(x, world)
 
 
 def sharded_amax(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:

@@ -71,7 +71,9 @@ def copy_graph_module(gm: fx.GraphModule, lazy: bool = False) -> fx.GraphModule:
     graph = fx.Graph()
     val_map: dict = {}
     out = graph.graph_copy(gm.graph, val_map)
-    graph.output(out)
+    output = graph.output(out)
+    old_output = next(n for n in gm.graph.nodes if n.op == "output")
+    val_map[old_output] = output          # its meta too: the outputs the plan settled (sharded_outputs)
     for old, new in val_map.items():
         new.meta = dict(old.meta)
         if "autotp" in old.meta:

@@ -44,6 +44,9 @@ def steps(src: Placement, dst: Placement) -> list[Step] | None:
     if group_replicated(src) and src.outer == dst:
         # kv heads replicated over a group -> this rank's query heads' share: a local slice
         return [Step(comm.group_slice, (dst.dim, split_factor(dst), src.groups), None, None)]
+    if group_replicated(src) and src.groups == 1 and dst == R:
+        # whole on every rank already (MQA's kv head of a fused [q|k|v]) -> plainly replicated
+        return [Step(comm.group_whole, (src.groups,), None, None)]
     if isinstance(src, Grid) or isinstance(dst, Grid):
         return None                   # other EP x TP pieces leave the expert block only through ops
     if any(isinstance(p, Blocks) and p.grouped for p in (src, dst)):

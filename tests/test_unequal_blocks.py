@@ -19,7 +19,7 @@ side (Megatron's fused GQA layout).  Specified here:
   rank: ``S(0)[64|16·R|16·R]``) run Megatron's 2 all-reduces per layer, no all-gather inside a
   layer, and their output and every gradient (the k/v rows' gradients summed over their group,
   the q rows' not) equal one device's; the fused weight's full tensor, ``full_state_dict`` and a
-  sliced ``load_checkpoint`` are the original weights.
+  sliced ``load_checkpoint`` are the original weights, and ``generate`` gives Hugging Face's tokens.
 """
 import copy
 import os
@@ -314,9 +314,12 @@ def _phi3_checkpoint_cases():
         other = autotp.parallelize(_build(BIGCODE, 1), (ids,), **planned("bigcode"))
         autotp.load_checkpoint(other, tmp)
         want_b = ref_b(ids).logits
+        # the decode step: its k and v (whole on every rank, S(2)·R) go into a replicated KV cache
+        tokens = other.generate(ids, max_new_tokens=3, pad_token_id=0)
+        same = bool((tokens == ref_b.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)).all())
         return (fmt(w.placements[0]), w.to_local().shape[0], torch.equal(w.full_tensor(), own["transformer.h.0.attn.c_attn.weight"]),
                 sorted(k for k in own if not torch.equal(full[k], own[k])),
-                ((other(ids).logits - want_b).abs().max() / want_b.abs().max()).item())
+                ((other(ids).logits - want_b).abs().max() / want_b.abs().max()).item(), same)
 
     return {"parameters": parameters, "full_state_dict": full_state_dict, "sliced_load": sliced_load,
             "bigcode_checkpoint": bigcode_checkpoint}
@@ -333,5 +336,6 @@ def test_phi3_parameters_state_dict_and_checkpoint_are_the_original_weights(monk
         assert rank_result == (True, 64, True)
     assert case(results, "full_state_dict") == [[], []]
     assert max(case(results, "sliced_load")) <= TOL
-    for placement, rows, same, differ, err in case(results, "bigcode_checkpoint"):
-        assert (placement, rows, same, differ) == ("S(0)[64|16·R|16·R]", 32 + 16 + 16, True, []) and err <= TOL
+    for placement, rows, same, differ, err, tokens in case(results, "bigcode_checkpoint"):
+        assert (placement, rows, same, differ, tokens) == ("S(0)[64|16·R|16·R]", 32 + 16 + 16, True, [], True)
+        assert err <= TOL
