@@ -185,7 +185,7 @@ class Plan:
         counts it: every tensor the forward allocates that backward may keep and every
         redistribution's output, 1/N of it where the plan shards it.  What
         ``sequence_parallel=True`` minimises and ``max_activation_bytes`` caps."""
-        from autotp.passes.solve import activation_mib
+        from autotp.passes.accounting import activation_mib
         return activation_mib(self.gm, self.ctx)
 
     def memory(self, batch: int, seq: int, dtype: torch.dtype = torch.bfloat16, optimizer: str | None = "adamw",

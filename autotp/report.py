@@ -18,7 +18,6 @@ where the article mixes the 1x volume and the ring factor.  See ``docs/cost-mode
 from __future__ import annotations
 
 import collections
-import dataclasses
 import re
 
 import sympy
@@ -171,7 +170,7 @@ def activations(plan, batch: int, seq: int, dtype: torch.dtype) -> dict:
     redistribution's output, 1/N where sharded — an upper bound on what backward keeps; what
     ``sequence_parallel=True`` minimises and ``max_activation_bytes`` caps."""
     import dataclasses
-    from autotp.passes.solve import activation_mib
+    from autotp.passes.accounting import activation_mib
     names = {"batch": batch, "seq": seq}
     sizes = {sym: sympy.Integer(names[str(name)]) for sym, name in plan.captured.symbols.items()}
     mib = activation_mib(plan.gm, dataclasses.replace(plan.ctx, plan_sizes=sizes))

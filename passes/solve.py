@@ -74,17 +74,18 @@ from scipy.sparse import coo_matrix
 
 from autotp.passes.context import AutoTPError, PassContext, module_path, node_layer
 from autotp.cost import ALL_REDUCE, REDUCE_SCATTER, collective_time, compute_time, get_link
-from autotp.passes.flops import counted, flops, planned_shape
+from autotp.passes.accounting import (activation_bytes, fraction, is_activation, large_weights, nbytes,
+                                      planned_bytes, weights)
+from autotp.passes.flops import counted, flops
 from autotp.passes.redistribute import reduce_grad_time, transition_time
 from autotp.passes.rules import tensor_inputs, val
 from autotp.passes.rules.attention import ATTENTION_OPS
-from autotp.passes.rules.views import RESHAPES, WEIGHT_VIEWS
+from autotp.passes.rules.views import RESHAPES
 from autotp.placement import (D, P, S, Blocks, Grid, R, can_shard, fmt, group_replicated, groups_of, is_shard, is_strided,
-                              local_shape, splits)
+                              splits)
 
 _EPS = 1e-4          # microseconds per sharded op: prefer the plainer plan among equals
 _GRID_EPS = 3        # per Grid placement: among equal plans the 1-D ones first (EP x TP where neither pure form divides)
-SMALL_WEIGHT = 0.1   # matrices under this fraction of the median matrix are not memory-critical
 
 
 class _ILP:
@@ -127,46 +128,6 @@ def _grids(s) -> float:
     return sum(1 + 1 / p.groups for p in (*s.inputs, *outs) if isinstance(p, Grid))
 
 
-def _fraction(v: torch.Tensor, p, world: int) -> float:
-    """The part of ``v`` one rank holds under placement ``p`` (1/N for a shard, 1/a for kv heads
-    replicated over groups of N/a ranks, 1 when replicated)."""
-    if p is None or not v.ndim:
-        return 1.0
-    local = local_shape(v.shape, p, world)
-    return float(np.prod(local) / max(1, np.prod(list(v.shape))))
-
-
-def _bytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-
-def planned_bytes(node: fx.Node, ctx: PassContext) -> float:
-    """Bytes of ``node``'s tensor at the planning sizes (``ctx.plan_sizes``): symbolic batch
-    and sequence dims take those values, so costs reflect a training step, not the example."""
-    v = node.meta.get("val")
-    if not isinstance(v, torch.Tensor):
-        return float(_bytes(val(node)))
-    return _planned(v, ctx)
-
-
-def _planned(v: torch.Tensor, ctx: PassContext) -> float:
-    return float(np.prod(planned_shape(v, ctx.plan_sizes), dtype=np.float64) * v.element_size())
-
-
-def weights(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
-    """Parameters and views of them (a transposed expert weight is still the weight): tensor
-    parallelism never moves these; only activations are communicated."""
-    out = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and n.name in ctx.params:
-            out.add(n)
-        elif n.op == "call_function" and str(n.target) in WEIGHT_VIEWS:
-            ins = n.all_input_nodes
-            if ins and all(a in out for a in ins):
-                out.add(n)
-    return out
-
-
 def _needs_grad(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
     grad = set()
     for n in gm.graph.nodes:
@@ -207,79 +168,6 @@ def tie_repeated_layers(nodes: list[fx.Node], ctx: PassContext) -> dict[fx.Node,
         if rep is not layers[k]:
             tied.update(zip(layers[k], rep))
     return tied
-
-
-def activation_bytes(node: fx.Node, output, ctx: PassContext) -> float:
-    """MiB per rank of ``node``'s floating outputs at the planning sizes under placement(s)
-    ``output``: a shard holds 1/N, anything else (R, P, D) the whole tensor."""
-    v = node.meta.get("val")
-    vs, ps = (v, output) if isinstance(v, (tuple, list)) else ((v,), (output,))
-    if not isinstance(ps, tuple):
-        ps = (ps,) * len(vs)
-    total = 0.0
-    for t, p in zip(vs, ps):
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            total += _planned(t, ctx) / (ctx.world if p is not None and splits(p) else 1)
-    return total / 2**20
-
-
-def is_activation(node: fx.Node, weight_like: set, carries_grad: bool) -> bool:
-    """A tensor that counts as activation memory: computed (not a weight or a view of one),
-    allocated (not a view or no-op cast), and, when training, part of the autograd graph
-    (what backward keeps alive; position tables and masks are not)."""
-    return node.op == "call_function" and node not in weight_like and carries_grad and not _aliases_input(node)
-
-
-def activation_mib(gm: fx.GraphModule, ctx: PassContext) -> float:
-    """Activation MiB per rank of a solved graph at the planning sizes, counted as the solver
-    counts it: every activation tensor once, plus the output of every redistribution (a
-    gathered copy is memory too).  An upper bound on what backward keeps."""
-    weight_like = weights(gm, ctx)
-    total, moved = 0.0, set()
-    for n in gm.graph.nodes:
-        info = n.meta.get("autotp", {})
-        if n.op == "output" and not ctx.sharded_outputs:          # outputs come back replicated
-            for i, t in enumerate(tensor_inputs(n)):
-                have = t.meta.get("autotp", {}).get("placement")
-                if have not in (None, R) and i not in ctx.state_outputs and (t, R) not in moved:
-                    moved.add((t, R))
-                    total += planned_bytes(t, ctx) / 2**20
-        if "strategy" not in info:
-            continue
-        if is_activation(n, weight_like, info.get("grad", True)):
-            total += activation_bytes(n, info["strategy"].output, ctx)
-        if n.op == "placeholder":
-            continue
-        for t, need in zip(tensor_inputs(n), info["strategy"].inputs):
-            have = t.meta.get("autotp", {}).get("placement")
-            if have is not None and have != need and t not in weight_like and (t, need) not in moved:
-                moved.add((t, need))
-                total += planned_bytes(t, ctx) / (ctx.world if splits(need) else 1) / 2**20
-    return total
-
-
-def _aliases_input(node: fx.Node) -> bool:
-    """Views and no-op casts allocate nothing: they are not activation memory of their own."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        if any(r.alias_info is not None for r in target._schema.returns):
-            return True
-        if target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout):
-            src, out = val(node.args[0]) if node.args else None, val(node)
-            return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype
-    return False
-
-
-def large_weights(nodes: list[fx.Node], ctx: PassContext) -> set[fx.Node]:
-    """The weights whose memory the plan minimises first: matrices (>= 2 dims) of at least a
-    tenth of the median matrix size.  Vectors (norm scales, biases) and small matrices (a MoE
-    router, E x d) are O(d) next to the rest and may stay replicated when that saves a collective."""
-    mats = [n for n in nodes if n.op == "placeholder" and n.name in ctx.params and val(n).ndim >= 2]
-    if not mats:
-        return set()
-    sizes = sorted(_bytes(val(n)) for n in mats)
-    median = sizes[len(sizes) // 2]
-    return {n for n in mats if _bytes(val(n)) >= SMALL_WEIGHT * median}
 
 
 def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -326,14 +214,14 @@ class _Problem:
             count_act = ctx.activation_terms and is_activation(n, self.weight_like, n in self.grad or not ctx.training)
             whole = flops(n, ctx.plan_sizes) if counted(n) else 0.0
             for k, s in enumerate(n.meta["autotp"]["strategies"]):
-                mem = _bytes(v) * _fraction(v, s.output, world) if n in self.large else 0.0
+                mem = nbytes(v) * fraction(v, s.output, world) if n in self.large else 0.0
                 eps = 0.0 if s.replicated else _EPS * (1 + _strided(s) + _GRID_EPS * _grids(s))
                 if whole:                                   # (compute) this rank's share of the node's work
                     eps += self.compute_us(n, whole) * flops(n, ctx.plan_sizes, s.inputs, world) / whole
                 if n.op == "placeholder" and n in self.grad and group_replicated(s.output):
                     # its gradient is summed over the group, in one bucket with the others: bytes, no latency
                     b = world // s.output.groups
-                    eps += (reduce_grad_time(_bytes(v) / s.output.groups, b, link) - get_link(link).latency) * 1e6 \
+                    eps += (reduce_grad_time(nbytes(v) / s.output.groups, b, link) - get_link(link).latency) * 1e6 \
                         if b > 1 else 0.0
                 act = activation_bytes(n, s.output, ctx) if count_act else 0.0
                 if rep is None:
@@ -405,7 +293,7 @@ class _Problem:
         self.seen_edges.add(edge)
         gathers = []                      # variables "t arrives here gathered from a shard"
         have = self.producer_options(t)
-        nbytes = planned_bytes(t, ctx)
+        size = planned_bytes(t, ctx)
         is_param = t in self.weight_like
         e: dict[tuple, int] = {}
         for q in have:
@@ -417,7 +305,7 @@ class _Problem:
                 # replicated one may be sliced where FSDP2 forbids the shard itself (ctx.dp_sharded:
                 # a fused bias whose shard would be strided), its gradient gathered in backward
                 sliced = ctx.dp_sharded and q == R and is_shard(p)
-                cost = None if is_param and not sliced else transition_time(q, p, nbytes, world, link, t in self.grad)
+                cost = None if is_param and not sliced else transition_time(q, p, size, world, link, t in self.grad)
                 if cost is None:
                     continue
                 e[q, p] = lp.var(integral=False)
@@ -425,7 +313,7 @@ class _Problem:
                     gathers.append(e[q, p])
                 key = (ct, q, p)
                 if key not in self.redist:   # (redist) one redistribution serves every consumer
-                    act = nbytes / (world if splits(p) else 1) / 2**20 if ctx.activation_terms and nbytes else 0.0
+                    act = size / (world if splits(p) else 1) / 2**20 if ctx.activation_terms and size else 0.0
                     self.redist[key] = lp.var(integral=False)
                     self.unit_cost[self.redist[key]] = (ct, cost * 1e6, act)
                 lp.row({self.redist[key]: 1.0, e[q, p]: -1.0}, 0.0, np.inf)
@@ -445,22 +333,22 @@ class _Problem:
         if v is not None and v.target in RESHAPES:
             self.gathered_into[v] = gathers + self.gathered_into.get(t, [])
         if sharded_use and t in self.grad:
-            self.grad_reduction(t, ct, have, nbytes, sharded_use)
+            self.grad_reduction(t, ct, have, size, sharded_use)
 
-    def grad_reduction(self, t: fx.Node, ct, have: dict, nbytes: float, sharded_use: list[int]) -> None:
+    def grad_reduction(self, t: fx.Node, ct, have: dict, size: float, sharded_use: list[int]) -> None:
         """(f) z[t] >= the strategies that take t replicated while sharding something else; g[t]:
         gathered from a shard, the backward is a reduce-scatter instead of an all-reduce."""
         lp, world, link = self.lp, self.ctx.world, self.ctx.link
         if ct not in self.freduce:
             self.freduce[ct] = f = lp.var(integral=False)
-            self.unit_cost[f] = (ct, reduce_grad_time(nbytes, world, link) * 1e6, 0.0)
+            self.unit_cost[f] = (ct, reduce_grad_time(size, world, link) * 1e6, 0.0)
             # t is produced sharded (then gathered), or is a reshape of a gathered tensor
             sharded_in = [j for q, qvars in have.items() if is_shard(q) for j in qvars] + \
                 self.gathered_into.get(t, [])
             if sharded_in:
                 g = lp.var(integral=False)
-                saving = collective_time(ALL_REDUCE, nbytes, world, link) - \
-                    collective_time(REDUCE_SCATTER, nbytes, world, link)
+                saving = collective_time(ALL_REDUCE, size, world, link) - \
+                    collective_time(REDUCE_SCATTER, size, world, link)
                 self.unit_cost[g] = (ct, -saving * 1e6, 0.0)
                 lp.row({g: 1.0, f: -1.0}, -np.inf, 0.0)
                 lp.row({g: 1.0, **{j: -1.0 for j in sharded_in}}, -np.inf, 0.0)
@@ -652,8 +540,8 @@ def _note_kv_replication(nodes, ctx: PassContext, saved_us: float | None) -> Non
         p = n.meta["autotp"].get("placement")
         if not n.meta["autotp"].get("kv_groups") or not _keeps_kv_heads_whole(n, n.meta["autotp"]["strategy"]):
             continue
-        least = min(_fraction(val(n), s.output, ctx.world) for s in n.meta["autotp"]["strategies"])
-        extra += _bytes(val(n)) * (_fraction(val(n), p, ctx.world) - least)
+        least = min(fraction(val(n), s.output, ctx.world) for s in n.meta["autotp"]["strategies"])
+        extra += nbytes(val(n)) * (fraction(val(n), p, ctx.world) - least)
         whole.append(n)
     p = whole[0].meta["autotp"]["placement"]
     groups = p.groups if isinstance(p, Grid) else max((g for g in groups_of(p.sizes) if g), default=1) \
