@@ -318,7 +318,6 @@ def split_rule(node: fx.Node, ctx: RuleContext) -> list[Strategy]:
     # chunk(x, n, dim) keeps its count: local chunks shrink with the shard, no argument changes
     hook = None if node.target == aten.chunk.default else _localize_split
     dim = split_dim(node) % x.ndim
-    k = len(outs)
     strategies = [replicate_strategy(node)]
     for p in ctx.candidates(node.args[0]):
         if p in (P, D) and x.is_floating_point():
