@@ -236,9 +236,10 @@ class _Problem:
 
     def compute_us(self, n: fx.Node, whole: float) -> float:
         """Microseconds of ``whole`` forward FLOPs of ``n`` at the device's peak, x3 when its
-        gradient is computed too (the two backward matmuls)."""
+        gradient is computed too (the two backward matmuls).  The dtype is the inputs' (an
+        attention kernel such as ``_scaled_dot_product_efficient_attention`` returns a tuple)."""
         steps = 3 if self.ctx.training and n in self.grad else 1
-        return compute_time(whole * steps, val(n).dtype, self.ctx.device) * 1e6
+        return compute_time(whole * steps, val(tensor_inputs(n)[0]).dtype, self.ctx.device) * 1e6
 
     def producer_options(self, t: fx.Node) -> dict:
         """placement q -> variable ids whose choice makes t come out as q."""
